@@ -1,0 +1,67 @@
+"""The PyTorch training step: the optimizer spec translated once, frozen tensors left out."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tlcore.model import Trainer
+from tlcore.optim import OptimizerSpec, TrainSpec
+
+from .freeze import train_mode
+
+
+def build_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """``torch.optim`` for ``spec``; only the given (trainable) parameters get state and decay."""
+    common = dict(lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
+    if spec.kind == "sgd":
+        return torch.optim.SGD(params, momentum=spec.momentum, nesterov=spec.nesterov, **common)
+    if spec.kind == "adam":
+        return torch.optim.Adam(params, betas=spec.betas, eps=spec.eps, **common)
+    if spec.kind == "adamw":
+        return torch.optim.AdamW(params, betas=spec.betas, eps=spec.eps, **common)
+    if spec.kind == "rmsprop":
+        return torch.optim.RMSprop(params, alpha=spec.alpha, eps=spec.eps, momentum=spec.momentum,
+                                   centered=spec.centered, **common)
+    raise ValueError(f"unknown optimizer kind {spec.kind!r}")
+
+
+def loss_and_correct(out: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss and number of correct predictions (0 for mse)."""
+    if loss == "cross_entropy":
+        out = out.reshape(len(out), -1)
+        return F.cross_entropy(out, y), (out.argmax(1) == y).sum()
+    out = out.reshape(y.shape)
+    if loss == "binary_cross_entropy":
+        return (F.binary_cross_entropy_with_logits(out, y),
+                ((out > 0) == (y > 0.5)).float().mean(1).sum())
+    return F.mse_loss(out, y), torch.zeros(())
+
+
+class TorchTrainer(Trainer):
+    """Eager training step; frozen BatchNorm in eval mode, frozen parameters never in the optimizer."""
+
+    def __init__(self, module: nn.Module, frozen_bn_units: frozenset[str], spec: TrainSpec):
+        torch.manual_seed(spec.seed)
+        self.module, self.frozen_bn_units, self.spec = module, frozen_bn_units, spec
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(spec.optimizer, self.params) if self.params else None
+        train_mode(module, frozen_bn_units)
+
+    def step(self, x: np.ndarray, y: np.ndarray):
+        if not self.module.training:
+            train_mode(self.module, self.frozen_bn_units)
+        xb, yb = torch.from_numpy(x), torch.from_numpy(y)
+        out = self.module(xb)
+        loss, correct = loss_and_correct(out, yb, self.spec.loss)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.spec.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.params, self.spec.clip_grad_norm, foreach=True)
+            self.optimizer.step()
+        return loss.detach() * len(x), correct
+
+    def finish(self) -> None:
+        self.module.eval()

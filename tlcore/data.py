@@ -1,0 +1,103 @@
+"""Data handling shared by every backend: checks, conversion to numpy, seeded batching.
+
+Everything here runs before a backend sees the data, so bad input is refused before any weight is
+touched.
+
+Example:
+    >>> import numpy as np
+    >>> from tlcore.data import batch_slices
+    >>> [len(b) for b in batch_slices(10, 4, shuffle=True, rng=np.random.default_rng(0))]
+    [4, 4, 2]
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+
+def as_inputs(x, input_shape: Sequence[int] | None = None, name: str = "x") -> np.ndarray:
+    """``x`` as a float32 array, checked: not empty, finite, and of the model's per-sample shape."""
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{name} must be a numeric array, got {type(x).__name__}: {e}") from None
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise DataError(f"{name} is empty (shape {arr.shape}); give at least one sample")
+    if input_shape is not None:
+        expected = (None, *input_shape)
+        if arr.ndim != len(expected):
+            raise DataError(f"{name} has {arr.ndim} dimensions (shape {arr.shape}); the model takes "
+                            f"{len(expected)}: (batch, {', '.join(map(str, input_shape))})")
+        if any(e is not None and e != a for e, a in zip(expected[1:], arr.shape[1:])):
+            raise DataError(f"{name} has per-sample shape {arr.shape[1:]}; the model takes {tuple(input_shape)}")
+    if not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise DataError(f"{name} contains {bad} NaN or infinite value(s); clean or impute them first")
+    return arr
+
+
+def as_targets(y, n: int, loss: str, num_outputs: int | None, name: str = "y") -> np.ndarray:
+    """``y`` checked against ``loss`` and the model's outputs: int64 class labels for
+    ``cross_entropy``, float32 otherwise."""
+    y = np.asarray(y)
+    if y.ndim == 0 or len(y) != n:
+        raise DataError(f"x and {name} have different lengths: {n} samples but {y.shape[0] if y.ndim else 0} targets")
+    if loss == "cross_entropy":
+        if y.ndim != 1:
+            raise DataError(f"cross_entropy takes integer class labels of shape (n,), got {name} of shape {y.shape}")
+        if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
+            raise DataError(f"cross_entropy takes integer class labels; {name} has dtype {y.dtype}")
+        y = y.astype(np.int64)
+        if num_outputs is not None and (y.min() < 0 or y.max() >= num_outputs):
+            raise DataError(f"labels out of range: {name} spans [{y.min()}, {y.max()}] but the head has "
+                            f"{num_outputs} outputs (valid labels 0..{num_outputs - 1})")
+        return y
+    y = y.astype(np.float32)
+    if not np.isfinite(y).all():
+        raise DataError(f"{name} contains NaN or infinite values")
+    if loss == "binary_cross_entropy" and not np.all((y >= 0) & (y <= 1)):
+        raise DataError(f"binary_cross_entropy takes targets in [0, 1]; {name} spans [{y.min()}, {y.max()}]")
+    if num_outputs is not None:
+        width = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
+        if width != num_outputs:
+            raise DataError(f"{name} has {width} value(s) per sample but the model has {num_outputs} output(s)")
+        if y.ndim == 1:
+            y = y[:, None]
+    return y
+
+
+def batch_slices(n: int, batch_size: int, shuffle: bool, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Index arrays of successive batches over ``n`` samples (the last one may be shorter)."""
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+def check_positive_int(name: str, value: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise DataError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+# ---- numpy losses and metrics: evaluate() computes them the same way on every backend ----
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def loss_and_metrics(pred: np.ndarray, y: np.ndarray, loss: str) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) of predictions ``pred`` against ``y``."""
+    pred = pred.astype(np.float64)
+    if loss == "cross_entropy":
+        lp = log_softmax(pred.reshape(len(pred), -1))
+        return {"loss": float(-lp[np.arange(len(y)), y].mean()),
+                "accuracy": float((lp.argmax(axis=1) == y).mean())}
+    z = pred.reshape(y.shape)
+    if loss == "binary_cross_entropy":
+        bce = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+        return {"loss": float(bce.mean()), "accuracy": float(((z > 0) == (y > 0.5)).mean())}
+    return {"loss": float(((z - y) ** 2).mean())}

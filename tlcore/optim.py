@@ -1,0 +1,150 @@
+"""Framework-neutral optimizer and loss specs, translated once by each backend.
+
+The update rules follow PyTorch's definitions exactly, so every backend computes the same step:
+
+* gradients are clipped first (``clip_grad_norm``: global L2 norm over trainable tensors);
+* ``weight_decay`` of :class:`SGD`, :class:`Adam` and :class:`RMSprop` is L2 regularisation added
+  to the gradient (``g + wd * w``); :class:`AdamW`'s is decoupled (``w -= lr * wd * w``);
+* Adam's ``eps`` is added to ``sqrt(v_hat)``; RMSprop's to ``sqrt(v)`` (outside the square root);
+* frozen tensors get no gradient, no decay and no optimizer state.
+
+Example:
+    >>> import tlcore as tl
+    >>> tl.optim.AdamW(lr=1e-3, weight_decay=0.05).kind
+    'adamw'
+    >>> tl.optim.SGD(lr=0)
+    Traceback (most recent call last):
+    ...
+    tlcore.errors.OptimizerConfigError: SGD: lr must be a finite number > 0, got 0
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+from .errors import OptimizerConfigError, unknown_name_message
+
+LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
+
+
+def check_loss(loss: str) -> str:
+    """Return ``loss`` if it is a known loss name, else raise :class:`OptimizerConfigError`."""
+    if loss not in LOSSES:
+        raise OptimizerConfigError(unknown_name_message("loss", loss, LOSSES))
+    return loss
+
+
+def _positive(owner: str, name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise OptimizerConfigError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+
+
+def _non_negative(owner: str, name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise OptimizerConfigError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def _unit(owner: str, name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise OptimizerConfigError(f"{owner}: {name} must be in [0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Base of the optimizer specs; ``kind`` names the update rule."""
+
+    kind: ClassVar[str] = ""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(type(self).__name__, "lr", self.lr)
+        _non_negative(type(self).__name__, "weight_decay", self.weight_decay)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class SGD(OptimizerSpec):
+    """Stochastic gradient descent, optionally with (Nesterov) momentum."""
+
+    kind: ClassVar[str] = "sgd"
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _unit("SGD", "momentum", self.momentum)
+        if self.nesterov and self.momentum <= 0:
+            raise OptimizerConfigError("SGD: nesterov=True needs momentum > 0")
+
+
+@dataclass(frozen=True)
+class Adam(OptimizerSpec):
+    """Adam; ``weight_decay`` is L2 added to the gradient (use :class:`AdamW` for decoupled decay)."""
+
+    kind: ClassVar[str] = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if len(self.betas) != 2:
+            raise OptimizerConfigError(f"{name}: betas must be a pair, got {self.betas!r}")
+        _unit(name, "betas[0]", self.betas[0])
+        _unit(name, "betas[1]", self.betas[1])
+        _positive(name, "eps", self.eps)
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+
+@dataclass(frozen=True)
+class AdamW(Adam):
+    """Adam with decoupled weight decay (``w -= lr * weight_decay * w``)."""
+
+    kind: ClassVar[str] = "adamw"
+    weight_decay: float = 0.01
+
+
+@dataclass(frozen=True)
+class RMSprop(OptimizerSpec):
+    """RMSprop with smoothing constant ``alpha`` (Keras' ``rho``), optional momentum."""
+
+    kind: ClassVar[str] = "rmsprop"
+    alpha: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.0
+    centered: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _unit("RMSprop", "alpha", self.alpha)
+        _positive("RMSprop", "eps", self.eps)
+        _unit("RMSprop", "momentum", self.momentum)
+
+
+OPTIMIZERS: dict[str, type[OptimizerSpec]] = {c.kind: c for c in (SGD, Adam, AdamW, RMSprop)}
+
+
+def optimizer_from_dict(d: dict) -> OptimizerSpec:
+    """Inverse of ``OptimizerSpec.to_dict``."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in OPTIMIZERS:
+        raise OptimizerConfigError(unknown_name_message("optimizer", kind, list(OPTIMIZERS)))
+    if "betas" in d:
+        d["betas"] = tuple(d["betas"])
+    return OPTIMIZERS[kind](**d)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a backend needs to build one training step; hashable, so steps can be cached."""
+
+    optimizer: OptimizerSpec
+    loss: str = "cross_entropy"
+    clip_grad_norm: float | None = None
+    seed: int = 0
+    extras: tuple = field(default=())
