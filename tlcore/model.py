@@ -64,7 +64,11 @@ class Trainer(abc.ABC):
         """Train on one batch; return (summed loss, number correct) as framework scalars."""
 
     def finish(self) -> None:
-        """Called once after the last step of a ``fit`` (e.g. to write state back)."""
+        """Called after the last step of a ``fit`` (e.g. to write state back); may be called twice."""
+
+    @abc.abstractmethod
+    def optimizer_state_bytes(self) -> int:
+        """Bytes held by the optimizer's state (moments, counters)."""
 
 
 @dataclass
@@ -341,6 +345,7 @@ class Model(abc.ABC):
             trainer.finish()
             bar.close()
         hist.info.update(compilations=trainer.compilations, steps=epochs * steps,
+                         optimizer_state_bytes=trainer.optimizer_state_bytes(),
                          seconds=time.perf_counter() - t0)
         return hist
 

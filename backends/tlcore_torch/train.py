@@ -65,3 +65,8 @@ class TorchTrainer(Trainer):
 
     def finish(self) -> None:
         self.module.eval()
+
+    def optimizer_state_bytes(self) -> int:
+        if self.optimizer is None:
+            return 0
+        return sum(v.nbytes for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v))

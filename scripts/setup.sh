@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create or reuse .venv with the CPU set-up of every backend; idempotent (a stamp records what is installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch is pinned to the CPU build (an open range may pull a multi-GB CUDA build); the other
+# frameworks come from the registry. pyproject.toml keeps honest lower bounds for real users.
+REQS="torch==2.13.0 tensorflow-cpu==2.21.* jax==0.10.* jaxlib==0.10.* flax==0.12.* optax==0.2.*"
+stamp=".venv/.tlcore-setup-$(echo "$REQS $(cat pyproject.toml)" | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install -q --disable-pip-version-check $REQS
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,demo,bench]"
+  rm -f .venv/.tlcore-setup-*; touch "$stamp"
+fi

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up (or reuse) .venv, then run the whole test suite on every installed backend.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
