@@ -10,7 +10,8 @@ Example:
 """
 from __future__ import annotations
 
-from . import optim
+from . import optim, zoo
+from .checkpoint import load
 from .check import Snapshot, assert_frozen, changed_tensors, snapshot
 from .cut import LayerCut
 from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError, FreezePolicyError,
@@ -29,5 +30,5 @@ __all__ = [
     "FreezePolicy", "FreezePolicyError", "FrozenWeightsChanged", "Head", "HeadError", "History",
     "LayerCut", "LayerNotFoundError", "Model", "OptimizerConfigError", "Snapshot", "Summary",
     "TlcoreError", "UnsupportedModelError", "ZooError", "assert_frozen", "available_backends",
-    "changed_tensors", "finetune", "get_backend", "optim", "snapshot", "wrap",
+    "changed_tensors", "finetune", "get_backend", "load", "optim", "snapshot", "wrap", "zoo",
 ]

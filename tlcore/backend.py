@@ -40,3 +40,11 @@ class Backend(abc.ABC):
         same), ``bn2``, ``relu2``, ``pool`` (global average), ``dropout`` (0.25), ``fc`` (16->4), on
         8x8 RGB images in the backend's own layout. Tensor names start with their layer's name.
         """
+
+    def zoo_model(self, name: str, config: dict) -> Model:
+        """Build zoo architecture ``name`` natively (see ``tlcore.zoo.archs``), with canonical state:
+        PyTorch's tensor names and layouts, NHWC numpy input. Initial values do not matter: the zoo
+        overwrites them."""
+        from .errors import ZooError
+
+        raise ZooError(f"backend {self.name!r} has no zoo")

@@ -61,7 +61,10 @@ def finetune(model: Any, cut: LayerCut | None = None, head: Head | None = None,
     kept = model._cut(last)
     if input_shape is not None:
         kept.input_shape = tuple(input_shape)
+    name = None
     if head is not None:
         name = next(n for n in ("head", *(f"head_{i}" for i in range(1, 100))) if n not in kept.layers)
         kept = kept._with_head(head, name, seed)
+    step = {"cut": last, "head": head.to_dict() if head else None, "head_name": name}
+    kept.meta = {**model.meta, "steps": [*model.meta.get("steps", []), step]}
     return kept.freeze(freeze or FreezePolicy.all())

@@ -375,6 +375,14 @@ class Model(abc.ABC):
         return np.concatenate([np.asarray(self._features(x[i:i + batch_size]))
                                for i in range(0, len(x), batch_size)])
 
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """Save weights, non-trainable state and how the model was built (safetensors + JSON
+        metadata, atomic). Zoo models load on any backend with ``tl.load(path, backend=...)``."""
+        from .checkpoint import save
+
+        save(self, path)
+
     # ------------------------------------------------------------------ display
     def summary(self) -> Summary:
         """Layers with kind, output shape (when ``input_shape`` is known), parameter count and

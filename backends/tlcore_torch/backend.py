@@ -36,3 +36,8 @@ class TorchBackend(Backend):
                 conv2=nn.Conv2d(8, 16, 3, padding=1), bn2=nn.BatchNorm2d(16), relu2=nn.ReLU(),
                 pool=Pool("avg"), dropout=nn.Dropout(0.25), fc=nn.Linear(16, 4)))
         return TorchModel(net, input_shape=(3, 8, 8))
+
+    def zoo_model(self, name: str, config: dict) -> TorchModel:
+        from .zoo import BUILDERS
+
+        return TorchModel(BUILDERS[name](config), nhwc=True)

@@ -47,8 +47,9 @@ class TorchModel(Model):
     backend = "torch"
 
     def __init__(self, module: nn.Module, *, layers: list[str] | None = None,
-                 kinds: dict[str, str] | None = None, **kwargs):
+                 kinds: dict[str, str] | None = None, nhwc: bool = False, **kwargs):
         self._module = module
+        self.nhwc = nhwc  # numpy images are NHWC (zoo models) while the module computes in NCHW
         self._layers = layers if layers is not None else layer_names(module)
         self._kinds = kinds if kinds is not None else {
             n: type(module.get_submodule(n)).__name__ for n in self._layers}
@@ -80,13 +81,20 @@ class TorchModel(Model):
     def _apply_freeze(self, resolved: Resolved) -> None:
         apply_mask(self._module, resolved)
 
+    def _to_module(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(x)
+        return t.permute(0, 3, 1, 2) if self.nhwc and t.ndim == 4 else t
+
+    def _from_module(self, out: torch.Tensor) -> np.ndarray:
+        return (out.permute(0, 2, 3, 1) if self.nhwc and out.ndim == 4 else out).numpy()
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self._module.eval()
         with torch.inference_mode():
-            return self._module(torch.from_numpy(x)).numpy()
+            return self._from_module(self._module(self._to_module(x)))
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
-        return TorchTrainer(self._module, self._resolved.frozen_bn_units, spec)
+        return TorchTrainer(self._module, self._resolved.frozen_bn_units, spec, self._to_module)
 
     def _stochastic_layers(self) -> list[str]:
         return [p for p, m in self._module.named_modules() if isinstance(m, DROPOUT) and m.p > 0]
@@ -96,7 +104,7 @@ class TorchModel(Model):
         module = cut_module(copy.deepcopy(self._module), last)
         keep = self._layers if last is None else self._layers[: self._layers.index(last) + 1]
         return TorchModel(module, layers=list(keep), kinds=self._kinds, input_shape=self.input_shape,
-                          meta=self.meta)
+                          nhwc=self.nhwc, meta=self.meta)
 
     def _dry_run(self, module: nn.Module | None = None) -> torch.Tensor:
         if self.input_shape is None or None in self.input_shape:
@@ -106,7 +114,7 @@ class TorchModel(Model):
         was_training = module.training
         module.eval()
         with torch.no_grad():
-            out = module(torch.zeros(2, *self.input_shape))
+            out = module(self._to_module(np.zeros((2, *self.input_shape), np.float32)))
         module.train(was_training)
         return out
 
@@ -114,13 +122,13 @@ class TorchModel(Model):
         features = self._dry_run()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            head_module = build_head(head, _pooled_width(features, head.pool))
+            head_module = build_head(head, _pooled_width(features, head.pool), nhwc=self.nhwc)
         module = append_module(self._module, name, head_module)
         layers = self._layers + [name] + [f"{name}.{n}" for n, _ in head.layers()]
         kinds = {**self._kinds, name: "Head", **{f"{name}.{n}": type(m).__name__
                                                  for n, m in head_module.named_children()}}
         return TorchModel(module, layers=layers, kinds=kinds, input_shape=self.input_shape, head=name,
-                          head_spec=head, meta=self.meta)
+                          head_spec=head, nhwc=self.nhwc, meta=self.meta)
 
     def _output_shapes(self) -> dict[str, tuple]:
         if self.input_shape is None or None in self.input_shape:
@@ -129,7 +137,8 @@ class TorchModel(Model):
 
         def record(name: str, output) -> None:  # a forward hook must return None
             if torch.is_tensor(output):
-                shapes.setdefault(name, tuple(output.shape[1:]))
+                shape = tuple(output.shape[1:])
+                shapes.setdefault(name, shape[1:] + shape[:1] if self.nhwc and len(shape) == 3 else shape)
 
         for name in self._layers:
             try:
@@ -156,18 +165,18 @@ class TorchModel(Model):
         self._module.eval()
         try:
             with torch.inference_mode():
-                self._module(torch.from_numpy(x))
+                self._module(self._to_module(x))
         except _StopForward:
             pass
         finally:
             hook.remove()
-        return captured["x"].numpy()
+        return self._from_module(captured["x"])
 
     def _head_model(self) -> TorchModel:
         head = self._module.get_submodule(self._head)
         layers = [n[len(self._head) + 1:] for n in self._layers if n.startswith(self._head + ".")]
         return TorchModel(head, layers=layers, kinds={n: self._kinds.get(f"{self._head}.{n}", "") for n in layers},
-                          input_shape=None, head_spec=self.head_spec)
+                          input_shape=None, head_spec=self.head_spec, nhwc=self.nhwc)
 
 
 def _pooled_width(features: torch.Tensor, pool: str) -> int:

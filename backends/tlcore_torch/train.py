@@ -1,6 +1,8 @@
 """The PyTorch training step: the optimizer spec translated once, frozen tensors left out."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -42,9 +44,10 @@ def loss_and_correct(out: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[tor
 class TorchTrainer(Trainer):
     """Eager training step; frozen BatchNorm in eval mode, frozen parameters never in the optimizer."""
 
-    def __init__(self, module: nn.Module, frozen_bn_units: frozenset[str], spec: TrainSpec):
+    def __init__(self, module: nn.Module, frozen_bn_units: frozenset[str], spec: TrainSpec,
+                 to_module: Callable[[np.ndarray], torch.Tensor] = torch.from_numpy):
         torch.manual_seed(spec.seed)
-        self.module, self.frozen_bn_units, self.spec = module, frozen_bn_units, spec
+        self.module, self.frozen_bn_units, self.spec, self.to_module = module, frozen_bn_units, spec, to_module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(spec.optimizer, self.params) if self.params else None
         train_mode(module, frozen_bn_units)
@@ -52,7 +55,7 @@ class TorchTrainer(Trainer):
     def step(self, x: np.ndarray, y: np.ndarray):
         if not self.module.training:
             train_mode(self.module, self.frozen_bn_units)
-        xb, yb = torch.from_numpy(x), torch.from_numpy(y)
+        xb, yb = self.to_module(x), torch.from_numpy(y)
         out = self.module(xb)
         loss, correct = loss_and_correct(out, yb, self.spec.loss)
         if self.optimizer is not None:

@@ -1,0 +1,55 @@
+"""Real data that is available offline: scikit-learn's bundled handwritten digits (8x8, grey).
+
+Example:
+    >>> from tlcore.datasets import digits
+    >>> (x, y), _ = digits(classes=(5, 6, 7, 8, 9), seed=0)   # doctest: +SKIP
+    >>> x.shape[1:], sorted(set(y.tolist()))                    # doctest: +SKIP
+    ((8, 8, 1), [0, 1, 2, 3, 4])
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+
+def digits(classes: Sequence[int] = tuple(range(10)), test_fraction: float = 0.3,
+           seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``(x_train, y_train), (x_test, y_test)`` of the chosen digit classes, stratified and seeded.
+
+    Images are NHWC float32 in [0, 1] (``(n, 8, 8, 1)``); labels are re-indexed ``0..len(classes)-1``
+    in the order of ``classes``.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the digits data set needs scikit-learn: pip install scikit-learn") from None
+    bunch = load_digits()
+    classes = list(classes)
+    keep = np.isin(bunch.target, classes)
+    x = (bunch.images[keep] / 16.0).astype(np.float32)[..., None]
+    y = np.array([classes.index(t) for t in bunch.target[keep]], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in range(len(classes)):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(len(idx) * test_fraction))
+        test += idx[:n_test].tolist()
+        train += idx[n_test:].tolist()
+    train, test = rng.permutation(train), rng.permutation(test)
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def few_shot(x: np.ndarray, y: np.ndarray, shots: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``shots`` samples per class, seeded. Raises :class:`DataError` when a class has fewer."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if shots > len(idx):
+            raise DataError(f"--shots {shots} is more than the {len(idx)} training images of class {c}")
+        picked += rng.choice(idx, size=shots, replace=False).tolist()
+    picked = rng.permutation(picked)
+    return x[picked], y[picked]

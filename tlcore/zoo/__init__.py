@@ -1,0 +1,114 @@
+"""A small zoo of architectures defined identically on every backend.
+
+A zoo model has the same layer names, the same ``state()`` keys and tensor layouts (PyTorch's:
+convolution kernels ``(out, in, kh, kw)``, dense ``(out, in)``) and takes the same numpy input
+(images channels-last, NHWC) on every backend. Weights are initialised in numpy from ``seed``, so
+``create(name, backend=b, seed=s)`` is the same network for every ``b``.
+
+Example:
+    >>> import tlcore as tl
+    >>> tl.zoo.names()
+    ['mlp', 'resnet18', 'small_cnn', 'vit_tiny']
+    >>> m = tl.zoo.create("small_cnn", backend="torch", num_classes=5, in_channels=1)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ZooError, unknown_name_message
+from .archs import ARCHITECTURES, config_for, input_shape_for
+from .init import init_state
+
+__all__ = ["ARCHITECTURES", "PRETRAINED", "create", "names", "pretrained_tags", "init_state"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+#: pretrained tags: ``{arch: {tag: (file in tlcore/weights, config, what it was trained on)}}``
+PRETRAINED: dict[str, dict[str, tuple[str, dict, str]]] = {
+    "small_cnn": {
+        "digits04": ("small_cnn-digits04.safetensors",
+                     {"in_channels": 1, "input_size": 8, "widths": (16, 32, 64), "num_classes": 5},
+                     "scikit-learn digits 0-4 (8x8 grey), scripts/train_pretrained.py"),
+    },
+}
+
+
+class UnknownArchitectureError(ZooError):
+    """``tl.zoo.create`` got a name that is not in the zoo."""
+
+
+class UnknownPretrainedError(ZooError):
+    """``pretrained=`` names a tag that does not exist for that architecture."""
+
+
+def names() -> list[str]:
+    """The architectures in the zoo."""
+    return sorted(ARCHITECTURES)
+
+
+def pretrained_tags(name: str) -> list[str]:
+    return sorted(PRETRAINED.get(name, {}))
+
+
+def create(name: str, backend: str = "torch", num_classes: int | None = None, seed: int = 0,
+           pretrained: str | None = None, weights: str | Path | None = None, **config: Any):
+    """Build zoo architecture ``name`` on ``backend`` as a :class:`tlcore.Model`.
+
+    Args:
+        name: one of :func:`names`.
+        backend: ``"torch"``, ``"keras"`` or ``"jax"``.
+        num_classes: outputs of the final ``fc`` layer.
+        seed: seeds the numpy initialisation (the same on every backend).
+        pretrained: a shipped tag (see :data:`PRETRAINED`), e.g. ``"digits04"`` for ``small_cnn``.
+        weights: a state dict file (``.safetensors``, or ``.pth`` read with ``weights_only=True``) in
+            PyTorch's key layout, e.g. torchvision's ResNet-18 weights.
+        **config: the architecture's options (see ``tlcore.zoo.archs``).
+
+    Raises:
+        UnknownArchitectureError, UnknownPretrainedError: the name or tag does not exist.
+        tl.CheckpointError: ``weights`` is missing, corrupted or does not fit.
+    """
+    from ..checkpoint import fit_state_dict, read, read_state_dict
+
+    if name not in ARCHITECTURES:
+        raise UnknownArchitectureError(unknown_name_message("zoo architecture", name, names()))
+    if pretrained is not None and weights is not None:
+        raise ZooError("give `pretrained` or `weights`, not both")
+    arrays = None
+    if pretrained is not None:
+        tags = PRETRAINED.get(name, {})
+        if pretrained not in tags:
+            raise UnknownPretrainedError(unknown_name_message(f"pretrained tag for {name!r}", pretrained, sorted(tags)))
+        file, tag_config, _ = tags[pretrained]
+        given = {**config, **({} if num_classes is None else {"num_classes": num_classes})}
+        clash = {k: v for k, v in given.items() if k in tag_config and _same(v) != _same(tag_config[k])}
+        if clash:
+            raise ZooError(f"pretrained {pretrained!r} is a {name} with {tag_config}; it cannot have {clash}. "
+                           "Attach a new head with tl.finetune to change num_classes")
+        config = {**tag_config, **config}
+        arrays = read(WEIGHTS_DIR / file)[0]
+    elif num_classes is not None:
+        config["num_classes"] = num_classes
+    cfg = config_for(name, config)
+    if weights is not None:
+        arrays = read_state_dict(weights)
+    model = _build(name, backend, cfg)
+    model.load_state(init_state(model.state(), seed) if arrays is None else fit_state_dict(model, arrays))
+    if pretrained is not None:
+        model.meta["pretrained"] = pretrained
+    return model
+
+
+def _same(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _build(name: str, backend: str, cfg: dict[str, Any]):
+    """The architecture on ``backend``, with the backend's own initial weights."""
+    from ..registry import get_backend
+
+    model = get_backend(backend).zoo_model(name, cfg)
+    model.input_shape = input_shape_for(name, cfg)
+    model.meta.update(arch=name, config=cfg)
+    return model
