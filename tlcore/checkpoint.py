@@ -46,10 +46,15 @@ class CheckpointMismatchError(CheckpointError):
     """The checkpoint's tensors do not fit the model (names or shapes)."""
 
 
+def contiguous(a) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    return np.require(np.asarray(a), requirements="C")
+
+
 def digest(tensors: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = contiguous(tensors[name])
         h.update(name.encode() + str(a.dtype).encode() + str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
@@ -85,7 +90,7 @@ def save(model: Model, path: str | os.PathLike) -> Path:
 
     from .registry import get_backend
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in model.state().items()}
+    tensors = {k: contiguous(v) for k, v in model.state().items()}
     meta = {
         "format": FORMAT, "version": VERSION, "backend": model.backend,
         "versions": get_backend(model.backend).versions(),
@@ -178,9 +183,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def fit_state_dict(model: Model, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` restricted to what ``model`` holds, ignoring PyTorch's BatchNorm counters;
     raises :class:`CheckpointMismatchError` listing every missing, unexpected or misshapen tensor."""
-    arrays = {k: v for k, v in arrays.items() if not k.endswith("num_batches_tracked")}
     current = model.state()
-    problems = [f"missing {k!r} (model shape {current[k].shape})" for k in current if k not in arrays]
+    counter = lambda k: k.endswith("num_batches_tracked")  # noqa: E731  (PyTorch-only BatchNorm counters)
+    arrays = {k: v for k, v in arrays.items() if k in current or not counter(k)}
+    problems = [f"missing {k!r} (model shape {current[k].shape})" for k in current if k not in arrays and not counter(k)]
     problems += [f"unexpected {k!r} (checkpoint shape {arrays[k].shape})" for k in arrays if k not in current]
     problems += [f"{k}: checkpoint {arrays[k].shape} vs model {current[k].shape}"
                  for k in current if k in arrays and arrays[k].shape != current[k].shape]
@@ -188,7 +194,7 @@ def fit_state_dict(model: Model, arrays: dict[str, np.ndarray]) -> dict[str, np.
         raise CheckpointMismatchError(
             f"the weights do not fit this {model.meta.get('arch') or 'model'} ({len(problems)} problem(s)):\n  "
             + "\n  ".join(problems[:50]))
-    return {k: arrays[k] for k in current}
+    return {k: arrays[k] for k in current if k in arrays}
 
 
 def load(path: str | os.PathLike, backend: str | None = None, model: Any = None) -> Model:

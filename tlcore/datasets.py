@@ -42,14 +42,17 @@ def digits(classes: Sequence[int] = tuple(range(10)), test_fraction: float = 0.3
     return (x[train], y[train]), (x[test], y[test])
 
 
-def few_shot(x: np.ndarray, y: np.ndarray, shots: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def few_shot(x: np.ndarray, y: np.ndarray, shots: int, seed: int = 0,
+             class_names: Sequence[object] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``shots`` samples per class, seeded. Raises :class:`DataError` when a class has fewer."""
     rng = np.random.default_rng(seed)
     picked = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         if shots > len(idx):
-            raise DataError(f"--shots {shots} is more than the {len(idx)} training images of class {c}")
+            name = class_names[c] if class_names is not None else c
+            raise DataError(f"shots={shots} is more than the {len(idx)} training images of class {name}; "
+                            f"use at most {min(np.bincount(y))}")
         picked += rng.choice(idx, size=shots, replace=False).tolist()
     picked = rng.permutation(picked)
     return x[picked], y[picked]

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tlcore.checkpoint import contiguous
 from tlcore.errors import CutError
 from tlcore.freeze import Resolved, TensorInfo, in_layer
 from tlcore.head import Head
@@ -76,7 +77,7 @@ class TorchModel(Model):
         tensors = self._module.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, value in arrays.items():
-                tensors[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+                tensors[name].copy_(torch.from_numpy(contiguous(value)))
 
     def _apply_freeze(self, resolved: Resolved) -> None:
         apply_mask(self._module, resolved)
