@@ -1,6 +1,7 @@
 """tlcore: transfer learning with one API on PyTorch, Keras (TensorFlow) and JAX (Flax NNX).
 
-Importing tlcore imports no deep-learning framework; a backend imports its framework when first used.
+``import tlcore`` imports no deep-learning framework, and not even numpy: public names are loaded on
+first use (PEP 562), and a backend imports its framework only when first used.
 
 Example:
     >>> import tlcore as tl                                                          # doctest: +SKIP
@@ -10,25 +11,53 @@ Example:
 """
 from __future__ import annotations
 
-from . import optim, zoo
-from .checkpoint import load
-from .check import Snapshot, assert_frozen, changed_tensors, snapshot
-from .cut import LayerCut
-from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError, FreezePolicyError,
-                     FrozenWeightsChanged, LayerNotFoundError, OptimizerConfigError, TlcoreError,
-                     UnsupportedModelError, ZooError)
-from .finetune import finetune, wrap
-from .freeze import FreezePolicy
-from .head import Head, HeadError
-from .model import FeatureCacheRefused, History, Model, Summary
-from .registry import available_backends, get_backend
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BackendNotFoundError", "CheckpointError", "CutError", "DataError", "FeatureCacheRefused",
-    "FreezePolicy", "FreezePolicyError", "FrozenWeightsChanged", "Head", "HeadError", "History",
-    "LayerCut", "LayerNotFoundError", "Model", "OptimizerConfigError", "Snapshot", "Summary",
-    "TlcoreError", "UnsupportedModelError", "ZooError", "assert_frozen", "available_backends",
-    "changed_tensors", "finetune", "get_backend", "load", "optim", "snapshot", "wrap", "zoo",
-]
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "BackendNotFoundError": "errors", "CheckpointError": "errors", "CutError": "errors", "DataError": "errors",
+    "FreezePolicyError": "errors", "FrozenWeightsChanged": "errors", "LayerNotFoundError": "errors",
+    "OptimizerConfigError": "errors", "TlcoreError": "errors", "UnsupportedModelError": "errors",
+    "ZooError": "errors",
+    "Snapshot": "check", "assert_frozen": "check", "changed_tensors": "check", "snapshot": "check",
+    "LayerCut": "cut", "FreezePolicy": "freeze", "Head": "head", "HeadError": "head",
+    "finetune": "finetune", "wrap": "finetune", "load": "checkpoint",
+    "FeatureCacheRefused": "model", "History": "model", "Model": "model", "Summary": "model",
+    "available_backends": "registry", "get_backend": "registry",
+}
+_SUBMODULES = ("optim", "zoo", "testing", "datasets", "checkpoint", "data")
+
+__all__ = sorted([*_EXPORTS, "optim", "zoo"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'tlcore' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from . import optim, zoo  # noqa: F401
+    from .check import Snapshot, assert_frozen, changed_tensors, snapshot  # noqa: F401
+    from .checkpoint import load  # noqa: F401
+    from .cut import LayerCut  # noqa: F401
+    from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError,  # noqa: F401
+                         FreezePolicyError, FrozenWeightsChanged, LayerNotFoundError, OptimizerConfigError,
+                         TlcoreError, UnsupportedModelError, ZooError)
+    from .finetune import finetune, wrap  # noqa: F401
+    from .freeze import FreezePolicy  # noqa: F401
+    from .head import Head, HeadError  # noqa: F401
+    from .model import FeatureCacheRefused, History, Model, Summary  # noqa: F401
+    from .registry import available_backends, get_backend  # noqa: F401

@@ -17,7 +17,6 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from .errors import BackendNotFoundError, UnsupportedModelError, unknown_name_message
@@ -64,6 +63,8 @@ def specs() -> dict[str, BackendSpec]:
         except ImportError:
             continue
         found[spec.name] = spec
+    from importlib.metadata import entry_points  # slow to import: only when backends are looked up
+
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             spec = ep.load()

@@ -1,0 +1,1 @@
+"""Cross-framework benchmarks of tlcore against hand-written native loops (``python -m benchmarks``)."""

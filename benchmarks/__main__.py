@@ -1,0 +1,75 @@
+"""Run the cross-framework benchmarks and write JSON, a Markdown table and a PNG chart.
+
+    python -m benchmarks                 # all installed backends, cnn + resnet18 + vit_tiny
+    python -m benchmarks --quick         # a tiny run for CI: checks that everything runs
+    tlcore bench --backends torch,jax
+
+Every backend runs in its own process; tlcore and the hand-written loop are measured side by side,
+interleaved, in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .report import markdown, plot
+
+
+def import_time_ms(repeats: int = 5) -> float:
+    """Median time of ``import tlcore`` alone, in a fresh interpreter each time."""
+    code = "import time; t = time.perf_counter(); import tlcore; print(time.perf_counter() - t)"
+    return 1000 * statistics.median(float(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                          text=True, check=True).stdout) for _ in range(repeats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tlcore as tl
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--backends", default=",".join(tl.available_backends()))
+    p.add_argument("--workloads", default="cnn,resnet18,vit_tiny")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--steps", type=int, default=8, help="batches per timed run")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of the end-to-end frozen fine-tune")
+    p.add_argument("--quick", action="store_true", help="tiny run (cnn, 1 repeat, 2 steps) that only checks it runs")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.workloads, args.repeats, args.steps, args.epochs = "cnn", 1, 2, 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+              "settings": vars(args), "import_tlcore_ms": import_time_ms(), "backends": {}, "rows": []}
+    for backend in args.backends.split(","):
+        print(f"benchmarking {backend} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "benchmarks.worker", "--backend", backend, "--workloads", args.workloads,
+               "--repeats", str(args.repeats), "--steps", str(args.steps), "--epochs", str(args.epochs)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return done.returncode
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        report["backends"][backend] = {"versions": result["versions"], "peak_rss_mb": result["peak_rss_mb"]}
+        report["rows"] += result["rows"]
+    report["seconds"] = time.time() - t0
+    name = "quick" if args.quick else "latest"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (out / f"{name}.md").write_text(table)
+    plot(report, out / f"{name}.png")
+    print(table)
+    print(f"\nwrote {out / name}.json, .md and .png in {report['seconds']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

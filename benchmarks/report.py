@@ -1,0 +1,78 @@
+"""Turning benchmark rows into ratios, a Markdown table and a PNG chart."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pairs(report: dict) -> list[dict]:
+    """One record per (backend, workload, mode): tlcore and native medians and their ratio."""
+    index = {(r["backend"], r["workload"], r["mode"], r["impl"]): r for r in report["rows"]}
+    out = []
+    for (b, w, m, impl), r in index.items():
+        if impl != "tlcore":
+            continue
+        n = index[(b, w, m, "native")]
+        out.append({"backend": b, "workload": w, "mode": m, "tlcore": r, "native": n,
+                    "ratio": r["median_ms"] / n["median_ms"]})
+    return out
+
+
+def frozen_vs_forward(report: dict) -> dict:
+    index = {(r["backend"], r["workload"], r["mode"]): r for r in report["rows"] if r["impl"] == "tlcore"}
+    return {(b, w, m): index[(b, w, m)]["median_ms"] / index[(b, w, "forward")]["median_ms"]
+            for (b, w, m) in index if m in ("frozen", "frozen_clip")}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}; "
+             + "; ".join(f"{b}: {', '.join(f'{k} {v}' for k, v in d['versions'].items())}, peak RSS "
+                         f"{d['peak_rss_mb']:.0f} MB" for b, d in report["backends"].items()),
+             f"`import tlcore`: {report['import_tlcore_ms']:.1f} ms (median of 5 fresh interpreters)", "",
+             "| backend | workload | mode | tlcore ms (min-max) | native ms (min-max) | tlcore/native | first step ms (tlcore / native) | optimizer state bytes (tlcore / native) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in pairs(report):
+        t, n = p["tlcore"], p["native"]
+        unit = "ms run" if p["mode"].startswith("e2e") else "ms/step"
+        first = f"{t['first_step_ms']:.0f} / {n['first_step_ms']:.0f}" if "first_step_ms" in t else "-"
+        state = (f"{t['optimizer_state_bytes']:,} / {n['optimizer_state_bytes']:,}"
+                 if "optimizer_state_bytes" in t else "-")
+        mode = p["mode"] + (f" (cache: {t['cache_features']})" if "cache_features" in t else "")
+        lines.append(f"| {p['backend']} | {p['workload']} | {mode} | {t['median_ms']:.2f} ({t['min_ms']:.2f}-{t['max_ms']:.2f}) "
+                     f"| {n['median_ms']:.2f} ({n['min_ms']:.2f}-{n['max_ms']:.2f}) | **{p['ratio']:.3f}** | {first} | {state} |"
+                     .replace("ms/step", unit))
+    lines += ["", "| backend | workload | frozen step / forward | frozen+clip step / forward |", "|---|---|---|---|"]
+    fv = frozen_vs_forward(report)
+    for b, w in sorted({(b, w) for b, w, _ in fv}):
+        lines.append(f"| {b} | {w} | {fv[(b, w, 'frozen')]:.2f}x | {fv[(b, w, 'frozen_clip')]:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Grouped bars of ms/step per backend and mode (tlcore solid, native hatched), one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [p for p in pairs(report) if not p["mode"].startswith("e2e")]
+    workloads = list(dict.fromkeys(p["workload"] for p in rows))
+    modes = list(dict.fromkeys(p["mode"] for p in rows))
+    backends = list(dict.fromkeys(p["backend"] for p in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
+    width = 0.8 / (2 * len(backends))
+    for ax, w in zip(axes[0], workloads):
+        for i, b in enumerate(backends):
+            for j, impl in enumerate(("tlcore", "native")):
+                vals = [next((p[impl]["median_ms"] for p in rows if (p["backend"], p["workload"], p["mode"]) == (b, w, m)), 0)
+                        for m in modes]
+                pos = [k + (2 * i + j - len(backends) + 0.5) * width for k in range(len(modes))]
+                ax.bar(pos, vals, width, label=f"{b} {impl}", color=f"C{i}", hatch="//" if impl == "native" else None,
+                       alpha=0.9 if impl == "tlcore" else 0.5, edgecolor="black", linewidth=0.3)
+        ax.set(title=w, xticks=range(len(modes)), xticklabels=modes, ylabel="ms per step (median)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"tlcore vs hand-written loops ({report['machine']['cpus']} CPUs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

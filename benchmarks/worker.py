@@ -1,0 +1,106 @@
+"""One backend's measurements, in its own process (so peak memory is that backend's alone).
+
+    python -m benchmarks.worker --backend torch --workloads cnn --repeats 5 --steps 8
+
+Prints one JSON object on stdout's last line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import resource
+import statistics
+import time
+
+import tlcore as tl
+
+from .workloads import CLIP, LR, MODES, WORKLOADS, build, data
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def summary(seconds: list[float], per: int) -> dict:
+    ms = [1000 * s / per for s in seconds]
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "runs": len(ms)}
+
+
+def fit_kwargs(mode: str, batch: int, epochs: int = 1, cache: bool | str = False) -> dict:
+    return dict(epochs=epochs, batch_size=batch, optimizer=tl.optim.SGD(lr=LR, momentum=0.9), shuffle=False,
+                progress=False, cache_features=cache, clip_grad_norm=CLIP if mode == "frozen_clip" else None)
+
+
+def measure_mode(backend: str, native_cls, workload: str, mode: str, repeats: int, steps: int) -> list[dict]:
+    batch = WORKLOADS[workload].batch
+    ours = build(workload, backend, mode)
+    theirs = native_cls(build(workload, backend, mode), "frozen" if mode == "forward" else mode)
+    x, y = data(ours, batch * steps)
+    if mode == "forward":
+        run_ours, run_theirs = (lambda: ours.predict(x, batch_size=batch)), (lambda: theirs.forward(x, batch))
+        first_ours = timed(lambda: ours.predict(x[:batch], batch_size=batch))
+        first_theirs = timed(lambda: theirs.forward(x[:batch], batch))
+    else:
+        kw = fit_kwargs(mode, batch)
+        hist = {}
+        run_ours = lambda: hist.update(h=ours.fit(x, y, **kw))  # noqa: E731
+        run_theirs = lambda: theirs.train_epoch(x, y, batch)  # noqa: E731
+        first_ours = timed(lambda: ours.fit(x[:batch], y[:batch], **kw))
+        first_theirs = timed(lambda: theirs.train_epoch(x[:batch], y[:batch], batch))
+    times = {"tlcore": [], "native": []}
+    for _ in range(repeats):  # interleaved, so drifts of the machine hit both alike
+        times["tlcore"].append(timed(run_ours))
+        times["native"].append(timed(run_theirs))
+    rows = []
+    for impl, first in (("tlcore", first_ours), ("native", first_theirs)):
+        row = {"backend": backend, "workload": workload, "mode": mode, "impl": impl, "batch": batch,
+               "steps": steps, **summary(times[impl], steps), "first_step_ms": 1000 * first}
+        if mode != "forward":
+            row["optimizer_state_bytes"] = (hist["h"].info["optimizer_state_bytes"] if impl == "tlcore"
+                                            else theirs.optimizer_state_bytes())
+        rows.append(row)
+    return rows
+
+
+def measure_e2e(backend: str, native_cls, workload: str, repeats: int, steps: int, epochs: int) -> list[dict]:
+    """A frozen-backbone fine-tune of ``epochs`` epochs, end to end: tlcore (feature caching on by
+    default) against the hand-written loop."""
+    batch = WORKLOADS[workload].batch
+    times, info = {"tlcore": [], "native": []}, {}
+    for _ in range(repeats):
+        ours = build(workload, backend, "frozen")
+        theirs = native_cls(build(workload, backend, "frozen"), "frozen")
+        x, y = data(ours, batch * steps)
+        times["tlcore"].append(timed(lambda: info.update(h=ours.fit(x, y, **fit_kwargs("frozen", batch, epochs, "auto")))))
+        times["native"].append(timed(lambda: [theirs.train_epoch(x, y, batch) for _ in range(epochs)]))
+    return [{"backend": backend, "workload": workload, "mode": f"e2e_{epochs}_epochs", "impl": impl, "batch": batch,
+             "steps": steps * epochs, **summary(times[impl], 1), "cache_features": info["h"].info["cache_features"]
+             if impl == "tlcore" else "off"} for impl in ("tlcore", "native")]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--backend", required=True)
+    p.add_argument("--workloads", default="cnn")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
+    args = p.parse_args(argv)
+    native_cls = importlib.import_module(f"benchmarks.native.{args.backend}_loop").Native
+    tl.get_backend(args.backend)
+    rows = []
+    for workload in args.workloads.split(","):
+        for mode in MODES:
+            rows += measure_mode(args.backend, native_cls, workload, mode, args.repeats, args.steps)
+        rows += measure_e2e(args.backend, native_cls, workload, max(1, args.repeats // 2), args.steps, args.epochs)
+    out = {"backend": args.backend, "versions": tl.get_backend(args.backend).versions(), "rows": rows,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
