@@ -24,7 +24,7 @@ _EXPORTS = {
     "ZooError": "errors",
     "Snapshot": "check", "assert_frozen": "check", "changed_tensors": "check", "snapshot": "check",
     "LayerCut": "cut", "FreezePolicy": "freeze", "Head": "head", "HeadError": "head",
-    "finetune": "finetune", "wrap": "finetune", "load": "checkpoint",
+    "finetune": "workflow", "wrap": "workflow", "load": "checkpoint",
     "FeatureCacheRefused": "model", "History": "model", "Model": "model", "Summary": "model",
     "available_backends": "registry", "get_backend": "registry",
 }
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError,  # noqa: F401
                          FreezePolicyError, FrozenWeightsChanged, LayerNotFoundError, OptimizerConfigError,
                          TlcoreError, UnsupportedModelError, ZooError)
-    from .finetune import finetune, wrap  # noqa: F401
+    from .workflow import finetune, wrap  # noqa: F401
     from .freeze import FreezePolicy  # noqa: F401
     from .head import Head, HeadError  # noqa: F401
     from .model import FeatureCacheRefused, History, Model, Summary  # noqa: F401

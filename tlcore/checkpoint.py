@@ -208,7 +208,7 @@ def load(path: str | os.PathLike, backend: str | None = None, model: Any = None)
         tl.CheckpointError (and its subclasses): missing, corrupted, foreign or mismatched files.
     """
     from .cut import LayerCut
-    from .finetune import finetune, wrap
+    from .workflow import finetune, wrap
     from .freeze import FreezePolicy
     from .head import Head
     from .zoo import _build
