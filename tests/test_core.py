@@ -91,6 +91,7 @@ def test_data_checks_and_seeded_batching():
     a = [b.tolist() for b in batch_slices(10, 3, True, rng1)]
     assert a == [b.tolist() for b in batch_slices(10, 3, True, rng2)]
     assert sorted(sum(a, [])) == list(range(10)) and [len(b) for b in a] == [3, 3, 3, 1]
+    assert [np.arange(10)[s].tolist() for s in batch_slices(5, 2, False, rng1)] == [[0, 1], [2, 3], [4]]
     with pytest.raises(tl.DataError, match="out of range"):
         as_targets(np.array([0, 5]), 2, "cross_entropy", 3)
     with pytest.raises(tl.DataError, match=r"\[0, 1\]"):

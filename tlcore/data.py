@@ -69,11 +69,13 @@ def as_targets(y, n: int, loss: str, num_outputs: int | None, name: str = "y") -
     return y
 
 
-def batch_slices(n: int, batch_size: int, shuffle: bool, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Index arrays of successive batches over ``n`` samples (the last one may be shorter)."""
-    order = rng.permutation(n) if shuffle else np.arange(n)
+def batch_slices(n: int, batch_size: int, shuffle: bool,
+                 rng: np.random.Generator) -> Iterator[np.ndarray | slice]:
+    """Indices of successive batches over ``n`` samples (the last one may be shorter): index arrays
+    when shuffling, plain slices (no copy of the data) otherwise."""
+    order = rng.permutation(n) if shuffle else None
     for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]
+        yield slice(start, min(start + batch_size, n)) if order is None else order[start:start + batch_size]
 
 
 def check_positive_int(name: str, value: int) -> int:

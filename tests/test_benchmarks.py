@@ -1,0 +1,27 @@
+"""The benchmark harness runs end to end (numbers are reported, never asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tlcore.testing import selected_backends
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_json_markdown_and_chart(tmp_path):
+    backend = selected_backends()[0]
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--backends", backend, "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "quick.json").read_text())
+    modes = {(r["mode"], r["impl"]) for r in report["rows"]}
+    for mode in ("full", "frozen", "frozen_clip", "forward", "e2e_2_epochs"):
+        assert {(mode, "tlcore"), (mode, "native")} <= modes
+    assert all(r["median_ms"] > 0 for r in report["rows"])
+    assert report["import_tlcore_ms"] > 0 and report["backends"][backend]["peak_rss_mb"] > 0
+    assert "tlcore/native" in (tmp_path / "quick.md").read_text()
+    assert (tmp_path / "quick.png").read_bytes()[:4] == b"\x89PNG"
