@@ -324,8 +324,8 @@ class Model(abc.ABC):
         rng = np.random.default_rng(spec.seed)
         hist = History()
         steps = -(-len(x) // batch_size)
-        bar = tqdm(total=epochs * steps, disable=not progress, unit="step", leave=False,
-                   desc=f"fit [{self.backend}]")
+        bar = tqdm(total=epochs * steps, disable=None if progress else True,  # None: no bar without a TTY
+                   unit="step", leave=False, desc=f"fit [{self.backend}]")
         try:
             for _ in range(epochs):
                 outs = []
