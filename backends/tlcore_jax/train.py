@@ -1,0 +1,252 @@
+"""The JAX training step: one ``jax.jit``-compiled function per (model structure, freeze partition,
+optimizer, loss, batch shape), shared by every model of the same structure and reused across
+batches, epochs and ``fit`` calls.
+
+Frozen costs nothing: the step differentiates only the trainable parameters (the state is split
+into trainable / updated-by-the-forward-pass / constant parts, and ``jax.grad`` sees only the first),
+so no gradient is ever computed for a frozen tensor, the optimizer (clipping and weight decay
+included) only ever sees trainable tensors, and frozen BatchNorm layers run on their moving
+statistics. The optimizer specs map to optax with PyTorch's update rules (see ``tlcore.optim``).
+
+Example:
+    >>> trainer = model._make_trainer(TrainSpec(tl.optim.Adam(lr=1e-3)))   # doctest: +SKIP
+    >>> loss_sum, correct = trainer.step(x, y)                              # doctest: +SKIP
+    >>> trainer.compilations                                                # doctest: +SKIP
+    1
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tlcore.errors import TlcoreError
+from tlcore.model import Trainer
+from tlcore.optim import OptimizerSpec, TrainSpec
+
+from .cut import run_until
+from .freeze import Partition, set_modes
+
+if TYPE_CHECKING:
+    from .model import JaxModel
+
+_CACHE_SIZE = 64
+
+
+def build_optimizer(spec: OptimizerSpec, clip_grad_norm: float | None = None) -> optax.GradientTransformation:
+    """The optax transformation for ``spec``, applied to trainable parameters only.
+
+    Order as in PyTorch: clip the global norm, add coupled L2 decay (SGD, Adam, RMSprop), then the
+    update rule; AdamW's decay is decoupled (``optax.adamw``). RMSprop adds ``eps`` outside the square
+    root and its momentum buffer follows PyTorch's.
+
+    Example:
+        >>> spec = tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)   # doctest: +SKIP
+        >>> tx = build_optimizer(spec, clip_grad_norm=1.0)                 # doctest: +SKIP
+    """
+    parts: list[optax.GradientTransformation] = []
+    if clip_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(clip_grad_norm))
+    if spec.kind != "adamw" and spec.weight_decay:
+        parts.append(optax.add_decayed_weights(spec.weight_decay))
+    if spec.kind == "sgd":
+        parts.append(optax.sgd(spec.lr, momentum=spec.momentum or None, nesterov=spec.nesterov))
+    elif spec.kind == "adam":
+        parts.append(optax.adam(spec.lr, b1=spec.betas[0], b2=spec.betas[1], eps=spec.eps))
+    elif spec.kind == "adamw":
+        parts.append(optax.adamw(spec.lr, b1=spec.betas[0], b2=spec.betas[1], eps=spec.eps,
+                                 weight_decay=spec.weight_decay))
+    elif spec.kind == "rmsprop":
+        parts.append(optax.rmsprop(spec.lr, decay=spec.alpha, eps=spec.eps, eps_in_sqrt=False,
+                                   centered=spec.centered, momentum=spec.momentum or None))
+    else:
+        raise ValueError(f"unknown optimizer kind {spec.kind!r}")
+    return optax.chain(*parts)
+
+
+def loss_and_correct(out: jax.Array, y: jax.Array, loss: str) -> tuple[jax.Array, jax.Array]:
+    """Mean loss over the batch and the number of correct predictions (0 for mse)."""
+    n = y.shape[0]
+    if loss == "cross_entropy":
+        logits = out.reshape(n, -1)
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return per.mean(), (logits.argmax(axis=1) == y).sum()
+    z = out.reshape(y.shape)
+    if loss == "binary_cross_entropy":
+        correct = ((z > 0) == (y > 0.5)).astype(jnp.float32).reshape(n, -1).mean(axis=1).sum()
+        return optax.sigmoid_binary_cross_entropy(z, y).mean(), correct
+    return optax.squared_error(z, y).mean(), jnp.zeros((), jnp.int32)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The static part of a training step (hashable); the partition shows in the arguments' pytree."""
+
+    optimizer: OptimizerSpec
+    loss: str
+    clip_grad_norm: float | None
+    frozen_bn: frozenset
+
+
+class FrozenBatchNormUpdated(TlcoreError, RuntimeError):
+    """A frozen BatchNorm layer computed batch statistics during training (its caller overrides
+    ``use_running_average``)."""
+
+
+def _train_step(graphdef: nnx.GraphDef, cfg: StepConfig, traces: list[int], trainable: nnx.State,
+                mutable: nnx.State, const: nnx.State, opt_state: Any, x: jax.Array, y: jax.Array):
+    """One step (traced under ``jax.jit``): gradient of the mean loss with respect to ``trainable``
+    only, optimizer update of ``trainable``, the new ``mutable`` state from the forward pass; returns
+    ``(trainable, mutable, opt_state, summed loss, number correct)``. ``const`` is never written."""
+    traces[0] += 1  # runs once per trace, i.e. once per compilation
+    tx = build_optimizer(cfg.optimizer, cfg.clip_grad_norm)
+    mutable_paths = frozenset(tuple(p) for p, _ in nnx.to_flat_state(mutable))
+
+    def loss_fn(params: nnx.State):
+        # copy=True: fresh Variables at this trace level, so that the forward pass may update them
+        model = nnx.merge(graphdef, params, mutable, const, copy=True)
+        set_modes(model, training=True, frozen_bn=cfg.frozen_bn)
+        frozen_stats = [(p, v, v.get_raw_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))
+                        if tuple(p[:-1]) in cfg.frozen_bn]
+        out = model(x)
+        moved = [".".join(map(str, p)) for p, v, before in frozen_stats if v.get_raw_value() is not before]
+        if moved:
+            raise FrozenBatchNormUpdated(
+                f"frozen BatchNorm statistics {moved} were updated in a training step: the model's __call__ "
+                "passes use_running_average=False to a BatchNorm explicitly. Leave it unset (None) so that "
+                "tlcore can run frozen BatchNorm layers on their moving statistics")
+        new_mutable = nnx.state(model, lambda p, _: tuple(p) in mutable_paths)
+        mean, correct = loss_and_correct(out, y, cfg.loss)
+        return mean, (mean * y.shape[0], correct, new_mutable)
+
+    grads, (total, correct, new_mutable) = jax.grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), new_mutable, opt_state, total, correct
+
+
+@dataclass
+class CompiledStep:
+    """A jitted step and how many times it was traced (= compiled) so far."""
+
+    fn: Callable
+    traces: list[int]
+
+
+_STEPS: OrderedDict[tuple, CompiledStep] = OrderedDict()
+
+
+def compiled_step(graphdef: nnx.GraphDef, cfg: StepConfig) -> CompiledStep:
+    """The shared jitted step for a model structure and configuration (the last 64 are kept)."""
+    key = (graphdef, cfg)
+    if key in _STEPS:
+        _STEPS.move_to_end(key)
+        return _STEPS[key]
+    traces = [0]
+    step = _STEPS[key] = CompiledStep(jax.jit(functools.partial(_train_step, graphdef, cfg, traces)), traces)
+    while len(_STEPS) > _CACHE_SIZE:
+        _STEPS.popitem(last=False)
+    return step
+
+
+def _infer(module: nnx.Module, x: jax.Array, stop: str | None = None) -> jax.Array:
+    set_modes(module, training=False)  # on the copy jit unflattens, never on the caller's module
+    return module(x) if stop is None else run_until(module, stop)(x)
+
+
+#: inference-mode forward pass (up to the top-level layer ``stop`` when given), the module passed as
+#: a pytree: flattening it costs far less than ``nnx.split``, and jit's cache is keyed on its structure
+infer = jax.jit(_infer, static_argnames="stop")
+
+
+def clear_cache() -> None:
+    """Forget every compiled training step and forward pass (the next use compiles again)."""
+    _STEPS.clear()
+    infer.clear_cache()
+
+
+def reseed(module: nnx.Module, streams: list[tuple[str, tuple]], seed: int, prefix: str = "") -> None:
+    """Give every RNG stream a key derived from ``seed`` and its full tlcore name, and a zero count.
+
+    The name includes ``prefix`` (the head's name when training a head on cached features), so a
+    stream draws the same keys whether or not the layers before it run in the same step.
+    """
+    for name, path in streams:
+        stream = _get(module, path)
+        old = stream.key.get_value()
+        key = jax.random.fold_in(jax.random.key(seed, impl=jax.random.key_impl(old)),
+                                 zlib.crc32((prefix + name).encode()) & 0x7FFFFFFF)
+        if old.shape != ():
+            key = jax.random.split(key, old.shape)
+        stream.key.set_value(key)
+        stream.count.set_value(jnp.zeros(stream.count.get_value().shape, jnp.uint32))
+
+
+def _get(node: Any, path: tuple) -> Any:
+    for seg in path:
+        node = node[seg] if isinstance(seg, int) or isinstance(node, (dict, list, tuple)) else getattr(node, seg)
+    return node
+
+
+class JaxTrainer(Trainer):
+    """Training steps for one ``fit``: state split once, stepped by the shared compiled function,
+    written back to the module by :meth:`finish`.
+
+    ``compilations`` counts the traces of the shared step during this trainer's steps: 1 for the
+    first batch shape ever seen for this configuration, 0 when an earlier fit compiled it already.
+
+    Example:
+        >>> trainer = model._make_trainer(TrainSpec(tl.optim.SGD(lr=0.1)))   # doctest: +SKIP
+        >>> trainer.step(x, y); trainer.finish(); trainer.compilations       # doctest: +SKIP
+        1
+    """
+
+    def __init__(self, model: JaxModel, spec: TrainSpec, part: Partition):
+        self.module = model.native
+        self.spec = spec
+        reseed(self.module, model.layout.rng_streams, spec.seed, model.rng_prefix)
+        graphdef, self.trainable, self.mutable, self.const = nnx.split(self.module, *part.filters())
+        self.graphdef, self.cfg = graphdef, StepConfig(spec.optimizer, spec.loss, spec.clip_grad_norm, part.frozen_bn)
+        self.compiled = compiled_step(graphdef, self.cfg)
+        self.opt_state = build_optimizer(spec.optimizer, spec.clip_grad_norm).init(self.trainable)
+        self.compilations = 0
+        self._dirty = False
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        before = self.compiled.traces[0]
+        self.trainable, self.mutable, self.opt_state, total, correct = self.compiled.fn(*self._args(x, y))
+        self.compilations += self.compiled.traces[0] - before
+        self._dirty = True
+        return total, correct
+
+    def _args(self, x: np.ndarray, y: np.ndarray) -> tuple:
+        return (self.trainable, self.mutable, self.const, self.opt_state, x,
+                y.astype(np.int32) if y.dtype == np.int64 else y)
+
+    def jaxpr(self, x: np.ndarray, y: np.ndarray) -> jax.extend.core.ClosedJaxpr:
+        """The step's jaxpr for one batch, traced afresh (not counted as a compilation); to inspect
+        what a step computes, e.g. that no gradient is taken for a frozen tensor."""
+        fn = functools.partial(_train_step, self.graphdef, self.cfg, [0])
+        return jax.make_jaxpr(fn)(*self._args(x, y))
+
+    def compiled_text(self, x: np.ndarray, y: np.ndarray) -> str:
+        """The optimized HLO that XLA runs for one batch of this shape (compiled on demand; for
+        inspection, e.g. counting the convolutions a frozen step really runs)."""
+        return self.compiled.fn.lower(*self._args(x, y)).compile().as_text()
+
+    def finish(self) -> None:
+        if self._dirty:
+            nnx.update(self.module, self.trainable, self.mutable)
+            self._dirty = False
+
+    def optimizer_state_bytes(self) -> int:
+        return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self.opt_state)))
