@@ -1,0 +1,44 @@
+"""The one place the Keras backend imports Keras, after making sure Keras will run on TensorFlow.
+
+Keras 3 picks its backend from ``KERAS_BACKEND`` when it is first imported, once per process. If
+Keras is not imported yet, this module sets ``KERAS_BACKEND=tensorflow`` (warning when it
+overrides another value); if Keras was already imported with another backend, it raises
+:class:`tlcore_keras.KerasBackendError` instead of letting Keras fail later with an obscure error.
+
+Example:
+    >>> from tlcore_keras._keras import keras, tf   # doctest: +SKIP
+    >>> keras.backend.backend()                      # doctest: +SKIP
+    'tensorflow'
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from . import KerasBackendError
+
+if "keras" not in sys.modules:
+    _requested = os.environ.get("KERAS_BACKEND")
+    if _requested not in (None, "", "tensorflow"):
+        warnings.warn(f"tlcore's keras backend runs Keras on TensorFlow: KERAS_BACKEND={_requested!r} is "
+                      "overridden with 'tensorflow' for this process (Keras was not imported yet)",
+                      RuntimeWarning, stacklevel=2)
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+
+import keras  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise KerasBackendError(
+        f"Keras was already imported with the {keras.backend.backend()!r} backend, but tlcore's 'keras' "
+        "backend needs Keras on TensorFlow, and Keras reads KERAS_BACKEND only once, at its first import. "
+        "In a new Python process, set KERAS_BACKEND=tensorflow before importing keras, or call "
+        "tl.get_backend('keras') before anything imports keras.")
+
+import tensorflow as tf  # noqa: E402
+from keras.src.layers.core.input_layer import InputLayer  # noqa: E402
+from keras.src.models.functional import Functional  # noqa: E402
+
+Sequential = keras.Sequential
+
+__all__ = ["keras", "tf", "Functional", "Sequential", "InputLayer"]

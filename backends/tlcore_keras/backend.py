@@ -1,0 +1,57 @@
+"""The Keras backend (imports Keras on TensorFlow, see ``_keras.py``)."""
+from __future__ import annotations
+
+from tlcore.backend import Backend
+
+from ._keras import keras, tf
+from .model import KerasModel
+
+
+class KerasBackend(Backend):
+    """Wraps any Keras 3 ``keras.Model``; inputs use Keras' layout (NHWC images).
+
+    Example:
+        >>> m = tl.wrap(keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3)))  # doctest: +SKIP
+        >>> m.backend                                                                        # doctest: +SKIP
+        'keras'
+    """
+
+    name = "keras"
+
+    def owns(self, obj: object) -> bool:
+        return isinstance(obj, keras.Model)
+
+    def wrap(self, native: keras.Model, input_shape: tuple[int, ...] | None = None) -> KerasModel:
+        return KerasModel(native, input_shape=None if input_shape is None else tuple(input_shape))
+
+    def versions(self) -> dict[str, str]:
+        return {"keras": keras.__version__, "tensorflow": tf.__version__}
+
+    def reference_model(self, seed: int = 0) -> KerasModel:
+        layers = keras.layers
+        init = keras.initializers
+        seeds = iter(range(seed * 1000, seed * 1000 + 100))
+
+        def conv(filters: int, name: str):
+            return layers.Conv2D(filters, 3, padding="same", name=name,
+                                 kernel_initializer=init.HeUniform(seed=next(seeds)),
+                                 bias_initializer=init.RandomUniform(-0.1, 0.1, seed=next(seeds)))
+
+        # momentum/epsilon as PyTorch's BatchNorm2d defaults (Keras' are 0.99 and 1e-3)
+        net = keras.Sequential([
+            keras.Input((8, 8, 3)),
+            conv(8, "conv1"), layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn1"),
+            layers.ReLU(name="relu1"),
+            conv(16, "conv2"), layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn2"),
+            layers.ReLU(name="relu2"),
+            layers.GlobalAveragePooling2D(name="pool"),
+            layers.Dropout(0.25, seed=next(seeds), name="dropout"),
+            layers.Dense(4, name="fc", kernel_initializer=init.GlorotUniform(seed=next(seeds)),
+                         bias_initializer=init.RandomUniform(-0.1, 0.1, seed=next(seeds))),
+        ], name="reference")
+        return KerasModel(net)
+
+    def zoo_model(self, name: str, config: dict) -> KerasModel:
+        from .zoo import BUILDERS
+
+        return KerasModel(BUILDERS[name](config), canonical=True)

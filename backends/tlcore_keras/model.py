@@ -1,0 +1,269 @@
+"""``KerasModel``: a ``keras.Model`` behind the :class:`tlcore.Model` API (NHWC inputs, as in Keras).
+
+Example:
+    >>> inputs = keras.Input((4,))                                                  # doctest: +SKIP
+    >>> m = tl.wrap(keras.Model(inputs, keras.layers.Dense(2, name="fc")(inputs)))  # doctest: +SKIP
+    >>> m.layers, list(m.state())                                                   # doctest: +SKIP
+    (['fc'], ['fc.kernel', 'fc.bias'])
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from tlcore.errors import CutError, FreezePolicyError, UnsupportedModelError
+from tlcore.freeze import Resolved, TensorInfo
+from tlcore.head import Head
+from tlcore.model import Model, Trainer
+from tlcore.optim import TrainSpec
+
+from . import cut, freeze
+from ._keras import Sequential, keras, tf
+from .head import build_head
+from .train import KerasTrainer, SharedStepTrainer
+
+#: compiled training steps kept per model (one per optimizer spec and trainable set)
+MAX_TRAINERS = 4
+#: batch size of the frozen-feature pass (small CNN, 2 cores: 128 -> 136 ms, 512 -> 159 ms per 512 samples)
+FEATURE_CHUNK = 128
+
+
+def _named(model: keras.Model) -> dict:
+    """``{tensor name: variable}`` of a model (used to copy weights between a model and its clone)."""
+    return {t.name: t.variable for t in freeze.tensors(model, cut.layer_paths(model))}
+
+
+class KerasModel(Model):
+    """A Keras 3 model (Sequential, functional or subclassed) wrapped as a :class:`tlcore.Model`.
+
+    Args:
+        native: the ``keras.Model``; it is shared, not copied (``tl.finetune`` copies).
+        rng_prefix: prepended to tensor names when seeding random layers, so that a head trained
+            alone (feature caching) draws the same dropout masks as inside the full model.
+        canonical: report weights under PyTorch's names and layouts (zoo models, whose state is
+            the same on every backend): ``conv1.weight`` ``(out, in, kh, kw)``, ``fc.weight``
+            ``(out, in)``, ``bn1.running_mean``...
+
+    Example:
+        >>> m = tl.wrap(keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None))  # doctest: +SKIP
+        >>> ft = tl.finetune(m, cut=tl.LayerCut(at="expanded_conv_2_add"), head=tl.Head.linear(5))   # doctest: +SKIP
+    """
+
+    backend = "keras"
+
+    def __init__(self, native: keras.Model, *, rng_prefix: str = "", kinds: dict[str, str] | None = None,
+                 canonical: bool = False, **kwargs):
+        if not isinstance(native, keras.Model):
+            raise UnsupportedModelError(f"the keras backend wraps a keras.Model, got {type(native).__qualname__}")
+        input_shape = kwargs.get("input_shape")
+        if input_shape is None:
+            input_shape = kwargs["input_shape"] = cut.input_shape_of(native)
+        self._model = native
+        self._rng_prefix = rng_prefix
+        self.canonical = canonical
+        self._fns: dict[str, object] = {}
+        self._trainers: dict[tuple, KerasTrainer] = {}
+        #: set on a head trained on cached features: its step is compiled once per process and structure
+        self._shared_key: tuple | None = None
+        self._head_cache: KerasModel | None = None
+        self._chain: cut.CallChain | None = None
+        self._ensure_built(input_shape)
+        if not cut.is_graph(native):
+            self._chain = cut.record_call_chain(native, input_shape)
+        self._layers = cut.layer_paths(native, self._order)
+        self._kinds = kinds or {p: type(layer).__name__ for p, layer in freeze.named_layers(native, self._order)}
+        self._all: list[freeze.Tensor] | None = None
+        super().__init__(**kwargs)
+
+    @property
+    def _order(self) -> list | None:
+        return self._chain.layers if self._chain is not None and self._chain.sequential else None
+
+    def _ensure_built(self, input_shape) -> None:
+        """Create the weights of an unbuilt model from ``input_shape`` (Keras creates them lazily)."""
+        model = self._model
+        if model.built and all(layer.built for layer in cut.children(model)):
+            return
+        graph = cut.is_graph(model)
+        if input_shape is None or (None in input_shape[-1:] if graph else None in input_shape):
+            raise UnsupportedModelError(
+                f"{model.name!r} is not built yet, so its weights do not exist; pass input_shape=(...) "
+                "(per sample, no batch, e.g. (32, 32, 3)) to tl.wrap, or build it first (start it with a "
+                "keras.Input, or call it once on a batch)")
+        if graph:
+            model.build((None, *input_shape))
+        else:  # a subclassed model's build() does not build its layers; one call does
+            model(tf.zeros((1, *input_shape)), training=False)
+
+    @property
+    def native(self) -> keras.Model:
+        return self._model
+
+    # ---------------------------------------------------------------- structure and state
+    def _layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def _layer_kinds(self) -> dict[str, str]:
+        return dict(self._kinds)
+
+    @property
+    def _tensors(self) -> list[freeze.Tensor]:
+        if self._all is None:
+            self._all = freeze.tensors(self._model, self._layers, self._order, self.canonical)
+        return self._all
+
+    def _tensor_infos(self) -> list[TensorInfo]:
+        return [t.info for t in self._tensors]
+
+    def _read_state(self) -> dict[str, np.ndarray]:
+        return {t.name: t.read() for t in self._tensors}
+
+    def _write_state(self, arrays: dict[str, np.ndarray]) -> None:
+        by_name = {t.name: t for t in self._tensors}
+        for name, value in arrays.items():
+            by_name[name].write(value)
+
+    def _apply_freeze(self, resolved: Resolved) -> None:
+        freeze.apply_mask(self._model, self._tensors, resolved, self._order)
+
+    def trainable_variables(self) -> list:
+        """The Keras variables training changes, in ``state()`` order (``trainable_mask()``'s True
+        weights; BatchNorm statistics and seed states are updated by the forward pass instead)."""
+        mask = self._resolved.mask
+        return [t.variable for t in self._tensors if t.info.kind in freeze.TRAINABLE_KINDS and mask[t.name]]
+
+    # ---------------------------------------------------------------- running
+    def _compiled(self, key: str, fn, x: np.ndarray):
+        """``fn`` as a ``tf.function`` taking batches shaped like ``x`` (traced once per model)."""
+        if key not in self._fns:
+            spec = tf.TensorSpec((None, *x.shape[1:]), tf.float32)
+            self._fns[key] = tf.function(fn, input_signature=[spec], autograph=False)
+        return self._fns[key]
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        model = self._model
+        return self._compiled("forward", lambda t: model(t, training=False), x)(x).numpy()
+
+    def _make_trainer(self, spec: TrainSpec) -> Trainer:
+        """A compiled step for ``spec`` and the current trainable set: reused (fresh optimizer state,
+        reseeded) while neither changes, rebuilt as soon as the policy changes what trains, so a
+        stale step (keras#6405) is never run."""
+        variables = self.trainable_variables()
+        flagged = {id(v) for v in self._model.trainable_variables}
+        if flagged != {id(v) for v in variables}:
+            names = {id(t.variable): t.name for t in self._tensors}
+            odd = sorted(names.get(i, "?") for i in flagged ^ {id(v) for v in variables})
+            raise FreezePolicyError(
+                f"Keras' trainable flags of {odd[:5]} were changed outside tlcore, so they no longer match "
+                "trainable_mask(); change what trains with model.freeze(tl.FreezePolicy...) instead")
+        rngs = [(self._rng_prefix + t.name, t.variable) for t in self._tensors if t.info.kind == "rng"]
+        if self._shared_key is not None and variables:
+            return SharedStepTrainer(self._model, rngs, spec, (*self._shared_key, replace(spec, seed=0)))
+        key = (replace(spec, seed=0), tuple(self._resolved.mask.items()), self._resolved.frozen_bn_units)
+        trainer = self._trainers.pop(key, None)
+        if trainer is None:
+            trainer = KerasTrainer(self._model, variables, rngs, spec)
+        else:
+            trainer.reset(rngs, spec.seed)
+        self._trainers[key] = trainer  # most recently used last
+        while len(self._trainers) > MAX_TRAINERS:
+            self._trainers.pop(next(iter(self._trainers)))
+        return trainer
+
+    def _stochastic_layers(self) -> list[str]:
+        return freeze.stochastic_layers(self._model, self._order)
+
+    # ---------------------------------------------------------------- cutting and heads
+    def _graph(self, what: str) -> keras.Model:
+        """The native model as a graph model (a subclassed one whose layers run in sequence becomes a
+        Sequential sharing its layers), or a CutError saying why it cannot be."""
+        if self._chain is None:
+            return self._model
+        if self._chain.sequential:
+            return cut.as_sequential(self._model, self._chain)
+        raise CutError(
+            f"cannot {what} {type(self._model).__name__} {self._model.name!r}: it is a subclassed keras.Model, "
+            f"which has no layer graph, and tlcore cannot run its top-level layers in sequence because "
+            f"{self._chain.reason}. Build it with the functional API (keras.Model(inputs, outputs)) or as a "
+            "keras.Sequential, or put the part to keep in its own Sequential/functional model")
+
+    def _cut(self, last: str | None) -> KerasModel:
+        if last is None and self._chain is not None and not self._chain.sequential:
+            copy = cut.copy_model(self._model, _named, self.input_shape)  # whole, from its config
+        else:
+            graph = self._graph("cut")
+            top, _, inner = (last or "").partition(".")
+            # cut at the top level first (no side effect on the original), copy, then cut inside the copy
+            copy = cut.copy_model(cut.cut_graph(graph, top) if top else graph, _named, self.input_shape)
+            if inner:
+                copy = cut.cut_graph(copy, last)
+            if isinstance(copy, Sequential) and not copy.built:
+                copy.build((None, *self.input_shape))
+        return KerasModel(copy, input_shape=self.input_shape, kinds=self._kinds, canonical=self.canonical,
+                          meta=self.meta)
+
+    def _with_head(self, head: Head, name: str, seed: int) -> KerasModel:
+        base = self._graph("attach a head to")
+        if self.input_shape is None or None in self.input_shape[-1:]:
+            raise CutError(f"cannot size the head: the input shape is unknown ({self.input_shape}); pass "
+                           "input_shape=(H, W, C) (per sample, no batch) to tl.finetune or tl.wrap")
+        if isinstance(base, Sequential) and not base.built:
+            base.build((None, *self.input_shape))
+        outputs = base.outputs
+        if len(outputs) != 1:
+            raise CutError(f"{base.name!r} has {len(outputs)} outputs; cut it at a layer with one output "
+                           "before attaching a head")
+        head_model = build_head(head, tuple(outputs[0].shape[1:]), name, seed)
+        model = cut.append_head(base, head_model)
+        kinds = {**self._kinds, name: "Head",
+                 **{f"{name}.{layer.name}": type(layer).__name__ for layer in cut.children(head_model)}}
+        return KerasModel(model, input_shape=self.input_shape, kinds=kinds, head=name, head_spec=head,
+                          canonical=self.canonical, meta=self.meta)
+
+    def _output_shapes(self) -> dict[str, tuple]:
+        shapes: dict[str, tuple] = {}
+        if self._chain is not None:
+            return shapes
+        for path, layer in freeze.named_layers(self._model):
+            if path not in self._layers:
+                continue
+            parent = self._model if "." not in path else cut.get_path(self._model, path.rpartition(".")[0])
+            try:
+                shapes[path] = tuple(cut.output_in(parent, layer).shape[1:])
+            except (CutError, AttributeError, ValueError, StopIteration):
+                continue
+        return shapes
+
+    # ---------------------------------------------------------------- feature caching
+    def _head_layer(self) -> keras.Model:
+        return cut.get_path(self._model, self._head)
+
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        """The frozen part's output, already pooled by the head's (weightless) ``pool`` layer: the
+        cached features are then small, and :meth:`_head_model` starts after the pool."""
+        if "features" not in self._fns:
+            pool = cut.children(self._head_layer())[0]
+            features = keras.Model(cut.single(self._model.inputs), cut.head_input(self._model, self._head_layer()))
+            self._compiled("features", lambda t: pool(features(t, training=False)), x)
+        fn = self._fns["features"]
+        # chunks of FEATURE_CHUNK samples: measured faster on CPU than one big batch (cache-friendly)
+        return np.concatenate([fn(x[i:i + FEATURE_CHUNK]).numpy() for i in range(0, len(x), FEATURE_CHUNK)])
+
+    def _head_model(self) -> KerasModel:
+        """The head after its ``pool`` layer (see :meth:`_features`), sharing its weights."""
+        if self._head_cache is None:
+            self._head_cache = self._build_head_model()
+        return self._head_cache.unfreeze()  # a head is always trained whole
+
+    def _build_head_model(self) -> KerasModel:
+        head = self._head_layer()
+        pool, *rest = cut.children(head)
+        pooled = tuple(pool.compute_output_shape((None, *head.inputs[0].shape[1:]))[1:])
+        model = Sequential([keras.Input(pooled), *rest], name=head.name)
+        prefix = f"{self._head}."
+        kinds = {p[len(prefix):]: k for p, k in self._kinds.items() if p.startswith(prefix)}
+        head_model = KerasModel(model, input_shape=pooled, kinds=kinds, head_spec=self.head_spec,
+                                rng_prefix=f"{self._rng_prefix}{prefix}", canonical=self.canonical)
+        head_model._shared_key = ("head", self.head_spec, pooled)
+        return head_model

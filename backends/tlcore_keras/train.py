@@ -1,0 +1,354 @@
+"""The Keras training step: ``tlcore.optim`` specs as Keras optimizers with PyTorch's exact update
+rules, Keras losses, and a compiled ``tf.function`` step per trainable set.
+
+Optimizers. Keras' built-in optimizers differ from the rules in ``tlcore/optim.py`` (Adam adds
+``epsilon`` to ``sqrt(v)`` before bias correction, RMSprop adds it inside the square root, and their
+``weight_decay`` is always decoupled), so each spec becomes a small ``keras.optimizers.Optimizer``
+subclass that implements ``update_step`` with PyTorch's formulas: coupled L2 (``g + wd * w``) for
+SGD, Adam and RMSprop, decoupled decay (``w *= 1 - lr * wd``) for AdamW, and global-norm clipping
+of the trainable gradients before the update (``g *= min(1, max_norm / (norm + 1e-6))``). The
+optimizer is built on the trainable variables only, so frozen ones get no state and no decay.
+
+Which step. Measured with ``benchmarks/keras_step.py`` on this machine (2 CPU cores, TensorFlow
+2.21, Keras 3.15), median ms per step over 7 interleaved repeats, first call (trace/compile) in
+brackets; full results in ``benchmarks/results/keras_step.json``:
+
+==========================================  ============  ==============  =============  ============
+workload (mode)                             Keras fit     train_on_batch  tf.function    + XLA
+==========================================  ============  ==============  =============  ============
+reference + MLP head, 8x8x3, b16 (full)     6.73 (1.7 s)  3.35 (1.1 s)    2.96 (0.6 s)   2.11 (2.3 s)
+reference + MLP head, 8x8x3, b16 (frozen)   2.81 (0.7 s)  2.18 (0.5 s)    1.59 (0.2 s)   1.22 (1.1 s)
+small CNN 32-64-128-256, 32x32x3, b64 full  65.1 (2.0 s)  56.0 (1.3 s)    55.1 (0.6 s)   78.4 (2.6 s)
+small CNN, frozen backbone                  20.8 (0.6 s)  14.1 (0.4 s)    13.0 (0.2 s)   13.4 (0.7 s)
+==========================================  ============  ==============  =============  ============
+
+``fit`` with ``jit_compile=True`` was no better (3.57, 2.72, 88.4, 21.3 ms). So the step is a
+``tf.function`` without XLA (tlcore's own step measured 2.95, 1.65, 56.8, 13.5 ms: the same path).
+XLA only wins on the tiny reference net, by under 1 ms a step, after 2 s more compilation (about
+2000 steps to break even, and XLA compiles again for a shorter last batch); on the realistic CNN it
+is 42% slower with full fine-tuning. ``autograph=False``: the step has no Python control flow on
+tensors, and tracing is quicker without the conversion.
+
+A compiled step belongs to one trainable set: ``KerasModel`` reuses it across fits only while the
+policy and the optimizer spec are unchanged, and builds a new one as soon as what trains changes, so
+changing ``trainable`` after compiling (the stale-compile pitfall, keras#6405) cannot happen.
+
+Example:
+    >>> trainer = KerasTrainer(model, trainable_vars, rng_vars, TrainSpec(tl.optim.Adam(lr=1e-3)))  # doctest: +SKIP
+    >>> loss_sum, correct = trainer.step(x_batch, y_batch)                                         # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from tlcore.model import Trainer
+from tlcore.optim import OptimizerSpec, TrainSpec
+
+from ._keras import keras, tf
+
+ops = keras.ops
+
+#: compile the step with XLA (``jit_compile=True``); chosen by measurement, see the table above
+JIT_COMPILE = False
+
+
+def clip_by_global_norm(grads: list, max_norm: float) -> list:
+    """PyTorch's ``clip_grad_norm_``: scale every gradient by ``min(1, max_norm / (norm + 1e-6))``."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in present]))
+    coef = tf.minimum(max_norm / (norm + 1e-6), 1.0)
+    return [None if g is None else g * tf.cast(coef, g.dtype) for g in grads]
+
+
+class TorchRuleOptimizer(keras.optimizers.Optimizer):
+    """Base of the optimizers below: a ``tlcore.optim`` spec on Keras' optimizer machinery.
+
+    Each subclass defines its update as a pure function, :meth:`rule`, which ``update_step`` (the
+    stateful Keras path) and :func:`stateless_update` (a step that takes and returns values) share.
+    ``clip_grad_norm`` clips the global norm of the gradients passed to ``apply`` first.
+    """
+
+    def __init__(self, spec: OptimizerSpec, clip_grad_norm: float | None = None, name: str | None = None):
+        super().__init__(learning_rate=float(spec.lr), name=name or f"tlcore_{spec.kind}")
+        self.spec = spec
+        self.clip_grad_norm = clip_grad_norm
+
+    def slot_names(self) -> tuple[str, ...]:
+        """Names of the per-variable state tensors (zeros at the start)."""
+        return ()
+
+    def rule(self, w, g, slots: dict, step) -> tuple:
+        """``(new w, {slot: new value})`` from weight ``w``, gradient ``g``, ``slots`` and the 1-based
+        ``step``; pure (tensors in, tensors out)."""
+        raise NotImplementedError
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._state = {name: self.add_optimizer_variables(var_list, name) for name in self.slot_names()}
+
+    def apply(self, grads, trainable_variables=None):
+        if self.clip_grad_norm is not None:
+            grads = clip_by_global_norm(list(grads), self.clip_grad_norm)
+        return super().apply(grads, trainable_variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        slots = {name: self._state[name][index] for name in self.slot_names()}
+        step = ops.cast(self.iterations + 1, variable.dtype)
+        new_w, new_slots = self.rule(ops.convert_to_tensor(variable), ops.cast(gradient, variable.dtype),
+                                     {n: ops.convert_to_tensor(v) for n, v in slots.items()}, step)
+        for name, value in new_slots.items():
+            self.assign(slots[name], value)
+        self.assign(variable, new_w)
+
+    def _l2(self, g, w):
+        """Coupled L2 regularisation: ``g + weight_decay * w``."""
+        wd = self.spec.weight_decay
+        return g + wd * w if wd else g
+
+
+class SGD(TorchRuleOptimizer):
+    """``torch.optim.SGD``: ``buf = momentum * buf + g``; ``w -= lr * (g + momentum * buf)`` with
+    Nesterov, ``w -= lr * buf`` without (dampening 0)."""
+
+    def slot_names(self):
+        return ("momentum_buffer",) if self.spec.momentum else ()
+
+    def rule(self, w, g, slots, step):
+        g, mu = self._l2(g, w), self.spec.momentum
+        if not mu:
+            return w - self.spec.lr * g, {}
+        buf = mu * slots["momentum_buffer"] + g
+        g = g + mu * buf if self.spec.nesterov else buf
+        return w - self.spec.lr * g, {"momentum_buffer": buf}
+
+
+class Adam(TorchRuleOptimizer):
+    """``torch.optim.Adam`` (``eps`` added to ``sqrt(v_hat)``; ``weight_decay`` is coupled L2)."""
+
+    decoupled = False
+
+    def slot_names(self):
+        return ("exp_avg", "exp_avg_sq")
+
+    def rule(self, w, g, slots, step):
+        lr, wd = self.spec.lr, self.spec.weight_decay
+        if self.decoupled:
+            w = w * (1.0 - lr * wd) if wd else w
+        else:
+            g = self._l2(g, w)
+        b1, b2 = self.spec.betas
+        m = slots["exp_avg"] + (g - slots["exp_avg"]) * (1.0 - b1)
+        v = slots["exp_avg_sq"] * b2 + (1.0 - b2) * g * g
+        bias1 = 1.0 - ops.power(ops.cast(b1, w.dtype), step)
+        bias2_sqrt = ops.sqrt(1.0 - ops.power(ops.cast(b2, w.dtype), step))
+        denom = ops.sqrt(v) / bias2_sqrt + self.spec.eps
+        return w - (lr / bias1) * m / denom, {"exp_avg": m, "exp_avg_sq": v}
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW``: ``w *= 1 - lr * weight_decay`` (decoupled), then Adam's update."""
+
+    decoupled = True
+
+
+class RMSprop(TorchRuleOptimizer):
+    """``torch.optim.RMSprop`` (``eps`` added outside the square root; coupled L2 decay)."""
+
+    def slot_names(self):
+        return ("square_avg",) + (("grad_avg",) if self.spec.centered else ()) + \
+            (("momentum_buffer",) if self.spec.momentum else ())
+
+    def rule(self, w, g, slots, step):
+        g, alpha = self._l2(g, w), self.spec.alpha
+        new = {"square_avg": slots["square_avg"] * alpha + (1.0 - alpha) * g * g}
+        if self.spec.centered:
+            new["grad_avg"] = slots["grad_avg"] + (g - slots["grad_avg"]) * (1.0 - alpha)
+            avg = ops.sqrt(new["square_avg"] - new["grad_avg"] * new["grad_avg"])
+        else:
+            avg = ops.sqrt(new["square_avg"])
+        avg = avg + self.spec.eps
+        if self.spec.momentum:
+            new["momentum_buffer"] = slots["momentum_buffer"] * self.spec.momentum + g / avg
+            return w - self.spec.lr * new["momentum_buffer"], new
+        return w - self.spec.lr * g / avg, new
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+
+
+def build_optimizer(spec: OptimizerSpec, clip_grad_norm: float | None = None) -> TorchRuleOptimizer:
+    """The Keras optimizer for ``spec`` (not built yet: ``build`` it on the trainable variables)."""
+    if spec.kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer kind {spec.kind!r}; known: {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[spec.kind](spec, clip_grad_norm)
+
+
+def loss_and_correct(out, y, loss: str):
+    """Mean loss (a Keras loss on logits) and the number of correct predictions (0 for mse)."""
+    if loss == "cross_entropy":
+        logits = tf.reshape(out, (tf.shape(out)[0], -1))
+        value = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=y.dtype), y), tf.float32))
+        return value, correct
+    out = tf.reshape(out, tf.shape(y))
+    if loss == "binary_cross_entropy":
+        value = tf.reduce_mean(keras.losses.binary_crossentropy(y, out, from_logits=True))
+        hits = tf.cast(tf.equal(out > 0, y > 0.5), tf.float32)
+        return value, tf.reduce_sum(tf.reduce_mean(hits, axis=1))
+    return tf.reduce_mean(keras.losses.mean_squared_error(y, out)), tf.zeros(())
+
+
+def seed_rngs(rng_vars: list[tuple[str, object]], seed: int) -> None:
+    """Reset every random-seed state from ``seed`` and its key (the tensor name), like
+    ``torch.manual_seed`` at the start of a fit: a layer's draws depend only on the seed, its name
+    and how many steps ran, not on other layers (so cached and uncached head training agree)."""
+    for key, var in rng_vars:
+        value = zlib.crc32(f"{seed}/{key}".encode()) & 0x7FFFFFFF
+        var.assign(np.array([value, 0], dtype=var.dtype))
+
+
+class KerasTrainer(Trainer):
+    """One ``tf.function`` training step for a fixed trainable set.
+
+    Args:
+        model: the native ``keras.Model``; called with ``training=True`` (frozen BatchNorm layers
+            have ``trainable=False`` and so run in inference mode).
+        variables: the trainable variables (the optimizer's only state and decay targets).
+        rng_vars: ``(key, seed state)`` of the random layers, reset from ``spec.seed``.
+        spec: optimizer, loss, clipping and seed.
+        jit_compile: compile the step with XLA.
+    """
+
+    def __init__(self, model: keras.Model, variables: list, rng_vars: list, spec: TrainSpec,
+                 jit_compile: bool = JIT_COMPILE):
+        self.model, self.variables, self.spec = model, list(variables), spec
+        self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm) if self.variables else None
+        if self.optimizer is not None:
+            self.optimizer.build(self.variables)
+        self.jit_compile = jit_compile
+        self._fns: dict[tuple, object] = {}
+        self.reset(rng_vars, spec.seed)
+
+    def reset(self, rng_vars: list, seed: int) -> KerasTrainer:
+        """Start a new ``fit`` with this (already compiled) step: fresh optimizer state, random
+        layers reseeded from ``seed``; ``compilations`` then counts this fit's traces only."""
+        if self.optimizer is not None:
+            self.optimizer.iterations.assign(0)
+            for slots in self.optimizer._state.values():
+                for v in slots:
+                    v.assign(tf.zeros(v.shape, v.dtype))
+        seed_rngs(rng_vars, seed)
+        self.compilations = 0
+        return self
+
+    def _train_step(self, x, y):
+        self.compilations += 1  # runs once per trace
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            for v in self.variables:
+                tape.watch(v.value)
+            out = self.model(x, training=True)
+            loss, correct = loss_and_correct(out, y, self.spec.loss)
+            extra = self.model.losses  # regularisation terms of the model's layers, as Keras' fit adds
+            objective = loss + tf.add_n(extra) if extra else loss
+        if self.optimizer is not None:
+            grads = tape.gradient(objective, [v.value for v in self.variables])
+            self.optimizer.apply(grads, self.variables)
+        return loss * tf.cast(tf.shape(x)[0], loss.dtype), correct
+
+    def step(self, x: np.ndarray, y: np.ndarray):
+        key = (x.shape[1:], x.dtype, y.shape[1:], y.dtype)
+        fn = self._fns.get(key)
+        if fn is None:  # one trace per per-sample shape: the batch size (a short last batch) is free
+            signature = [tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+                         tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype))]
+            fn = self._fns[key] = tf.function(self._train_step, input_signature=signature,
+                                              jit_compile=self.jit_compile, autograph=False)
+        return fn(x, y)
+
+    def optimizer_state_bytes(self) -> int:
+        if self.optimizer is None:
+            return 0
+        return int(sum(np.prod(v.shape, dtype=np.int64) * np.dtype(v.dtype).itemsize
+                       for v in self.optimizer.variables))
+
+
+#: compiled value-in/value-out steps shared by every model of the same structure in this process
+_SHARED_STEPS: dict[tuple, object] = {}
+MAX_SHARED_STEPS = 16
+_traces = [0]  # traces of shared steps so far (a list: updated from inside traced functions)
+
+
+class SharedStepTrainer(Trainer):
+    """A step that takes the weights, the random-seed states and the optimizer state as values and
+    returns the new ones, compiled once per process for every model with the same ``key``.
+
+    Used for a head trained on cached features (``key`` = head spec and input shape): a new model
+    with the same head then trains without a new trace. The values stay in tensors between steps;
+    :meth:`finish` writes them back to the model's variables. The update rules are the optimizer's
+    :meth:`TorchRuleOptimizer.rule`, as in :class:`KerasTrainer`, so both steps compute the same.
+    """
+
+    def __init__(self, model: keras.Model, rng_vars: list, spec: TrainSpec, key: tuple):
+        self.model, self.spec, self.key = model, spec, key
+        seed_rngs(rng_vars, spec.seed)
+        self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm)  # for its rule; holds no state
+        self._trainable = list(model.trainable_variables)
+        self._non_trainable = list(model.non_trainable_variables)
+        self.weights = [tf.convert_to_tensor(v) for v in self._trainable]
+        self.states = [tf.convert_to_tensor(v) for v in self._non_trainable]
+        self.slots = [{n: tf.zeros_like(w) for n in self.optimizer.slot_names()} for w in self.weights]
+        self.iteration = tf.constant(0, tf.int64)
+        self.compilations = 0
+
+    def _pure_step(self, x, y, weights, states, slots, iteration):
+        _traces[0] += 1
+        step = tf.cast(iteration + 1, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            out, states, extra = self.model.stateless_call(weights, states, x, training=True, return_losses=True)
+            loss, correct = loss_and_correct(out, y, self.spec.loss)
+            objective = loss + tf.add_n(extra) if extra else loss
+        grads = tape.gradient(objective, weights)
+        if self.spec.clip_grad_norm is not None:
+            grads = clip_by_global_norm(grads, self.spec.clip_grad_norm)
+        updated = [self.optimizer.rule(w, g, slot, step) for w, g, slot in zip(weights, grads, slots)]
+        return (loss * tf.cast(tf.shape(x)[0], loss.dtype), correct, [u[0] for u in updated], states,
+                [u[1] for u in updated], iteration + 1)
+
+    def _function(self, x: np.ndarray, y: np.ndarray):
+        key = (self.key, x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str)
+        fn = _SHARED_STEPS.pop(key, None)
+        if fn is None:
+            spec = lambda t: tf.TensorSpec(t.shape, t.dtype)  # noqa: E731
+            signature = [tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+                         tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
+                         [spec(w) for w in self.weights], [spec(v) for v in self.states],
+                         [{n: spec(v) for n, v in slot.items()} for slot in self.slots],
+                         tf.TensorSpec((), tf.int64)]
+            fn = tf.function(self._pure_step, input_signature=signature, autograph=False)
+        _SHARED_STEPS[key] = fn  # most recently used last
+        while len(_SHARED_STEPS) > MAX_SHARED_STEPS:
+            _SHARED_STEPS.pop(next(iter(_SHARED_STEPS)))
+        return fn
+
+    def step(self, x: np.ndarray, y: np.ndarray):
+        before = _traces[0]
+        loss, correct, self.weights, self.states, self.slots, self.iteration = self._function(x, y)(
+            x, y, self.weights, self.states, self.slots, self.iteration)
+        self.compilations += _traces[0] - before
+        return loss, correct
+
+    def finish(self) -> None:
+        for var, value in zip(self._trainable + self._non_trainable, self.weights + self.states):
+            var.assign(value)
+
+    def optimizer_state_bytes(self) -> int:
+        slots = sum(int(np.prod(v.shape)) * v.dtype.size for slot in self.slots for v in slot.values())
+        return slots + 8 + 4  # as KerasTrainer: int64 step counter and float32 learning rate

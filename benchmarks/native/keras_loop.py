@@ -1,0 +1,48 @@
+"""Keras 3 on TensorFlow: the loop a user would write by hand, with the faster of Keras' ``fit`` and a
+compiled ``tf.function`` step (measured in ``benchmarks/keras_step.py``: the ``tf.function`` step,
+without XLA). Frozen layers get ``trainable=False`` (so frozen BatchNorm runs in inference mode),
+``keras.optimizers.SGD`` with momentum 0.9, global-norm clipping with ``global_clipnorm``."""
+from __future__ import annotations
+
+import numpy as np
+
+import tlcore as tl
+
+tl.get_backend("keras")  # makes Keras run on TensorFlow (KERAS_BACKEND) before it is imported
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from ..workloads import CLIP, LR  # noqa: E402
+
+
+class Native:
+    def __init__(self, model, mode: str):
+        self.net, self.mode = model.native, mode
+        frozen = mode in ("frozen", "frozen_clip")
+        for layer in self.net.layers:
+            layer.trainable = not frozen or layer.name == model.head
+        self.variables = list(self.net.trainable_variables)
+        self.opt = keras.optimizers.SGD(LR, momentum=0.9, global_clipnorm=CLIP if mode == "frozen_clip" else None)
+        self.opt.build(self.variables)
+        self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        spec = tf.TensorSpec((None, *self.net.inputs[0].shape[1:]), tf.float32)
+        self._step = tf.function(self._train_step, input_signature=[spec, tf.TensorSpec((None,), tf.int64)])
+        self._forward = tf.function(lambda x: self.net(x, training=False), input_signature=[spec])
+
+    def _train_step(self, x, y):
+        with tf.GradientTape() as tape:
+            loss = self.loss(y, self.net(x, training=True))
+        self.opt.apply(tape.gradient(loss, self.variables), self.variables)
+        return loss
+
+    def train_epoch(self, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+        for i in range(0, len(x), batch):
+            loss = self._step(x[i:i + batch], y[i:i + batch])
+        return float(loss)
+
+    def forward(self, x: np.ndarray, batch: int) -> np.ndarray:
+        return np.concatenate([self._forward(x[i:i + batch]).numpy() for i in range(0, len(x), batch)])
+
+    def optimizer_state_bytes(self) -> int:
+        return int(sum(np.prod(v.shape, dtype=np.int64) * np.dtype(v.dtype).itemsize for v in self.opt.variables))
