@@ -26,7 +26,17 @@ if "keras" not in sys.modules:
                       RuntimeWarning, stacklevel=2)
     os.environ["KERAS_BACKEND"] = "tensorflow"
 
-import keras  # noqa: E402
+# TensorFlow's tf.lite imports jax whenever it is installed; block that optional import while Keras
+# and TensorFlow load, so that using the Keras backend never imports JAX (it stays importable later).
+_block_jax = "jax" not in sys.modules
+if _block_jax:
+    sys.modules["jax"] = None  # type: ignore[assignment]  # `import jax` now raises ModuleNotFoundError
+try:
+    import keras  # noqa: E402
+    import tensorflow as tf  # noqa: E402
+finally:
+    if _block_jax and sys.modules.get("jax", ...) is None:
+        del sys.modules["jax"]
 
 if keras.backend.backend() != "tensorflow":
     raise KerasBackendError(
@@ -35,7 +45,6 @@ if keras.backend.backend() != "tensorflow":
         "In a new Python process, set KERAS_BACKEND=tensorflow before importing keras, or call "
         "tl.get_backend('keras') before anything imports keras.")
 
-import tensorflow as tf  # noqa: E402
 from keras.src.layers.core.input_layer import InputLayer  # noqa: E402
 from keras.src.models.functional import Functional  # noqa: E402
 

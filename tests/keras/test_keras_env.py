@@ -13,7 +13,7 @@ from tlcore.testing import selected_backends
 if "keras" not in selected_backends():
     pytest.skip("keras is not in TLCORE_TEST_BACKENDS", allow_module_level=True)
 
-FRAMEWORKS = ("torch", "tensorflow", "keras")
+FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax", "optax")
 REPORT = f"\nimport sys\nprint('IMPORTED', *sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))"
 
 
@@ -59,7 +59,7 @@ def test_keras_backend_is_set_to_tensorflow_before_keras_is_imported():
             "m.fit([[0., 1., 2.]], [1], progress=False)" + REPORT)
     out = run(code, keras_backend="jax")
     assert "BACKEND tensorflow True" in out  # overridden, with a warning naming KERAS_BACKEND
-    assert imported(out) == {"tensorflow", "keras"}  # and torch is not needed for it
+    assert imported(out) == {"tensorflow", "keras"}  # neither torch nor JAX (which tf.lite would import)
 
 
 def test_tlcore_and_the_torch_backend_never_import_tensorflow():
