@@ -305,7 +305,7 @@ class Model(abc.ABC):
         self._loss = loss
         spec = TrainSpec(optimizer, loss, clip_grad_norm, int(seed))
 
-        refusal = self._cache_refusal()
+        refusal = self._cache_refusal() if cache_features else ""
         if cache_features is True and refusal:
             raise FeatureCacheRefused(f"cannot cache features: {refusal}")
         if cache_features and not refusal:

@@ -41,12 +41,14 @@ def apply_mask(module: nn.Module, resolved: Resolved) -> None:
             p.grad = None
 
 
-def train_mode(module: nn.Module, frozen_bn_units: frozenset[str]) -> None:
+def train_mode(module: nn.Module, frozen_bn: list[nn.Module]) -> None:
     """Training mode, except frozen BatchNorm layers, which run (and stay) in inference mode.
 
     ``requires_grad=False`` alone does not stop running statistics from updating in ``train()``
-    (pytorch/pytorch#86590); eval mode does.
+    (pytorch/pytorch#86590); eval mode does. Only flags that differ are written.
     """
-    module.train()
-    for path in frozen_bn_units:
-        module.get_submodule(path).eval()
+    frozen = {id(m) for m in frozen_bn}
+    for m in module.modules():
+        want = id(m) not in frozen
+        if m.training != want:
+            m.training = want

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ class TorchModel(Model):
     def __init__(self, module: nn.Module, *, layers: list[str] | None = None,
                  kinds: dict[str, str] | None = None, nhwc: bool = False, **kwargs):
         self._module = module
+        self._trainer: tuple | None = None  # (key, TorchTrainer) of the last fit
         self.nhwc = nhwc  # numpy images are NHWC (zoo models) while the module computes in NCHW
         self._layers = layers if layers is not None else layer_names(module)
         self._kinds = kinds if kinds is not None else {
@@ -90,12 +92,18 @@ class TorchModel(Model):
         return (out.permute(0, 2, 3, 1) if self.nhwc and out.ndim == 4 else out).numpy()
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        self._module.eval()
+        if self._module.training:
+            self._module.eval()
         with torch.inference_mode():
             return self._from_module(self._module(self._to_module(x)))
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
-        return TorchTrainer(self._module, self._resolved.frozen_bn_units, spec, self._to_module)
+        key = (replace(spec, seed=0), self._resolved)
+        if self._trainer is not None and self._trainer[0][0] == key[0] and self._trainer[0][1] is key[1]:
+            self._trainer[1].start(spec.seed)  # same spec and policy: reuse, with fresh optimizer state
+        else:
+            self._trainer = (key, TorchTrainer(self._module, self._resolved.frozen_bn_units, spec, self._to_module))
+        return self._trainer[1]
 
     def _stochastic_layers(self) -> list[str]:
         return [p for p, m in self._module.named_modules() if isinstance(m, DROPOUT) and m.p > 0]

@@ -42,19 +42,30 @@ def loss_and_correct(out: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[tor
 
 
 class TorchTrainer(Trainer):
-    """Eager training step; frozen BatchNorm in eval mode, frozen parameters never in the optimizer."""
+    """Eager training step; frozen BatchNorm in eval mode, frozen parameters never in the optimizer.
+
+    A trainer is reused by later fits with the same spec and policy: :meth:`start` reseeds and gives
+    the optimizer fresh state, so each ``fit`` starts like a new one without rebuilding anything.
+    """
 
     def __init__(self, module: nn.Module, frozen_bn_units: frozenset[str], spec: TrainSpec,
                  to_module: Callable[[np.ndarray], torch.Tensor] = torch.from_numpy):
-        torch.manual_seed(spec.seed)
-        self.module, self.frozen_bn_units, self.spec, self.to_module = module, frozen_bn_units, spec, to_module
+        self.module, self.spec, self.to_module = module, spec, to_module
+        self.frozen_bn = [module.get_submodule(path) for path in frozen_bn_units]
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(spec.optimizer, self.params) if self.params else None
-        train_mode(module, frozen_bn_units)
+        self.start(spec.seed)
+
+    def start(self, seed: int) -> None:
+        """Prepare a new fit: seed dropout, clear optimizer state, set the training modes."""
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed seeds every device
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+        train_mode(self.module, self.frozen_bn)
 
     def step(self, x: np.ndarray, y: np.ndarray):
-        if not self.module.training:
-            train_mode(self.module, self.frozen_bn_units)
+        if not self.module.training:  # an inference call (e.g. validation) happened in between
+            train_mode(self.module, self.frozen_bn)
         xb, yb = self.to_module(x), torch.from_numpy(y)
         out = self.module(xb)
         loss, correct = loss_and_correct(out, yb, self.spec.loss)
@@ -65,9 +76,6 @@ class TorchTrainer(Trainer):
                 nn.utils.clip_grad_norm_(self.params, self.spec.clip_grad_norm, foreach=True)
             self.optimizer.step()
         return loss.detach() * len(x), correct
-
-    def finish(self) -> None:
-        self.module.eval()
 
     def optimizer_state_bytes(self) -> int:
         if self.optimizer is None:

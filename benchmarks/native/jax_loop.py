@@ -21,11 +21,19 @@ from flax import nnx  # noqa: E402
 from ..workloads import CLIP, LR  # noqa: E402
 
 
+def bn_view(module: nnx.Module, use_running_average: bool) -> nnx.Module:
+    """``module`` with every BatchNorm's ``use_running_average`` set (``nnx.view`` refuses the flag
+    when no layer has it, e.g. in a ViT)."""
+    if any(hasattr(m, "use_running_average") for _, m in nnx.iter_modules(module)):
+        return nnx.view(module, use_running_average=use_running_average)
+    return module
+
+
 class Native:
     def __init__(self, model, mode: str):
         frozen = mode in ("frozen", "frozen_clip")
         head = model.head
-        net = nnx.view(model.native, use_running_average=frozen)  # frozen: every BatchNorm (all in the base)
+        net = bn_view(model.native, frozen)  # frozen: every BatchNorm (all in the base)
 
         def trainable(path, value) -> bool:
             return isinstance(value, nnx.Param) and (not frozen or path[0] == head)
@@ -34,7 +42,7 @@ class Native:
         tx = optax.sgd(LR, momentum=0.9)
         self.tx = optax.chain(optax.clip_by_global_norm(CLIP), tx) if mode == "frozen_clip" else tx
         self.opt_state = self.tx.init(self.params)
-        eval_graphdef, _ = nnx.split(nnx.view(model.native, use_running_average=True))
+        eval_graphdef, _ = nnx.split(bn_view(model.native, True))
 
         @jax.jit
         def step(params, rest, opt_state, x, y):
