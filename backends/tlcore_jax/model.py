@@ -133,12 +133,13 @@ class JaxModel(Model):
 
     def _apply_freeze(self, resolved: Resolved) -> None:
         self._partition = partition(self.layout, resolved)
+        self._steps: dict = {}  # this partition's compiled steps by step config (skips hashing the graph)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(infer(self._module, x))
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
-        return JaxTrainer(self, spec, self._partition)
+        return JaxTrainer(self, spec, self._partition, self._steps)
 
     def _stochastic_layers(self) -> list[str]:
         names = {p: n for n, p in self.layout.module_path.items()}

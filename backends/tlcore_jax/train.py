@@ -210,13 +210,17 @@ class JaxTrainer(Trainer):
         1
     """
 
-    def __init__(self, model: JaxModel, spec: TrainSpec, part: Partition):
+    def __init__(self, model: JaxModel, spec: TrainSpec, part: Partition, steps: dict | None = None):
         self.module = model.native
         self.spec = spec
         reseed(self.module, model.layout.rng_streams, spec.seed, model.rng_prefix)
         graphdef, self.trainable, self.mutable, self.const = nnx.split(self.module, *part.filters())
         self.graphdef, self.cfg = graphdef, StepConfig(spec.optimizer, spec.loss, spec.clip_grad_norm, part.frozen_bn)
-        self.compiled = compiled_step(graphdef, self.cfg)
+        self.compiled = steps.get(self.cfg) if steps is not None else None
+        if self.compiled is None:
+            self.compiled = compiled_step(graphdef, self.cfg)
+            if steps is not None:
+                steps[self.cfg] = self.compiled
         self.opt_state = build_optimizer(spec.optimizer, spec.clip_grad_norm).init(self.trainable)
         self.compilations = 0
         self._dirty = False
