@@ -67,6 +67,21 @@ class Resolved:
         return [n for n, t in self.mask.items() if t]
 
 
+def owning_layer(path: str, layers: set[str]) -> str:
+    """The deepest of ``layers`` that contains module ``path`` (``""`` when none does).
+
+    Example:
+        >>> owning_layer("layer1.0.conv1", {"layer1", "layer1.0"})
+        'layer1.0'
+    """
+    parts = path.split(".") if path else []
+    for i in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:i])
+        if candidate in layers:
+            return candidate
+    return ""
+
+
 def in_layer(name: str, layer: str) -> bool:
     """True when ``name`` is ``layer`` itself or nested in it (``layer3.1`` is in ``layer3``)."""
     return name == layer or name.startswith(layer + ".")

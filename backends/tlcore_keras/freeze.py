@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tlcore.freeze import Resolved, TensorInfo, in_layer
+from tlcore.freeze import Resolved, TensorInfo, in_layer, owning_layer
 
 from ._keras import keras
 from .cut import children
@@ -108,7 +108,7 @@ def tensors(model: keras.Model, cut_points: list[str], order: list | None = None
     known = set(cut_points)
     out, seen, names = [], set(), set()
     for path, layer in [("", model), *named_layers(model, order)]:
-        owner = _owner(path, known)
+        owner = owning_layer(path, known)
         unit = path if isinstance(layer, BATCHNORM) else ""
         for v, kind in _own_variables(layer):
             if id(v) in seen:  # a variable shared by two layers is listed once, under the first
@@ -122,15 +122,6 @@ def tensors(model: keras.Model, cut_points: list[str], order: list | None = None
             names.add(name)
             out.append(Tensor(name, v, path, TensorInfo(name, owner, kind, unit), perm))
     return out
-
-
-def _owner(path: str, known: set[str]) -> str:
-    parts = path.split(".") if path else []
-    for i in range(len(parts), 0, -1):
-        candidate = ".".join(parts[:i])
-        if candidate in known:
-            return candidate
-    return ""
 
 
 def set_trainable(layer: keras.layers.Layer, value: bool) -> None:

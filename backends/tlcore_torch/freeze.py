@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tlcore.freeze import Resolved, TensorInfo
+from tlcore.freeze import Resolved, TensorInfo, owning_layer
 
 BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -15,22 +15,13 @@ def tensor_infos(module: nn.Module, layers: list[str]) -> list[TensorInfo]:
     infos = []
     for path, sub in module.named_modules():
         is_bn = isinstance(sub, BATCHNORM)
-        owner = _owner(path, known)
+        owner = owning_layer(path, known)
         prefix = f"{path}." if path else ""
         for name, _ in sub.named_parameters(recurse=False):
             infos.append(TensorInfo(prefix + name, owner, "bn_param" if is_bn else "param", path))
         for name, _ in sub.named_buffers(recurse=False):
             infos.append(TensorInfo(prefix + name, owner, "bn_stat" if is_bn else "buffer", path))
     return infos
-
-
-def _owner(path: str, known: set[str]) -> str:
-    parts = path.split(".") if path else []
-    for i in range(len(parts), 0, -1):
-        candidate = ".".join(parts[:i])
-        if candidate in known:
-            return candidate
-    return ""
 
 
 def apply_mask(module: nn.Module, resolved: Resolved) -> None:
