@@ -371,7 +371,7 @@ class Model(abc.ABC):
         hist.info.update(cache_features="used", seconds=time.perf_counter() - t0)
         return hist
 
-    def _batched_features(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    def _batched_features(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
         return np.concatenate([np.asarray(self._features(x[i:i + batch_size]))
                                for i in range(0, len(x), batch_size)])
 
