@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .report import markdown, plot
+from .report import machine, markdown, plot
 
 
 def import_time_ms(repeats: int = 5) -> float:
@@ -46,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+    report = {"machine": machine(),
               "settings": vars(args), "import_tlcore_ms": import_time_ms(), "backends": {}, "rows": []}
     for backend in args.backends.split(","):
         print(f"benchmarking {backend} ...", file=sys.stderr, flush=True)

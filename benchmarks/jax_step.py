@@ -29,11 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +46,8 @@ from flax import nnx  # noqa: E402
 from tlcore_jax.layers import NamedSequential, Pool  # noqa: E402
 
 from tlcore.optim import TrainSpec  # noqa: E402
+
+from benchmarks.report import machine, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "jax_step.json"
 MODES = ("full", "frozen", "frozen_clip", "forward", "naive_frozen_clip")
@@ -182,15 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"workload": {"model": "small_cnn (4 Conv-BN-ReLU blocks 32-64-128-256, 2x2 max pools)",
                            "input": [32, 32, 3], "batch": BATCH, "optimizer": f"SGD(lr={LR}, momentum=0.9)",
                            "clip_grad_norm": CLIP},
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": os.cpu_count(), "python": sys.version.split()[0], **BACKEND.versions()},
+              "machine": machine(BACKEND.versions()),
               "quick": args.quick, "results": results, "frozen_over_forward": ratios,
               "target_frozen_over_forward": 1.2}
     print(table(results, ratios))
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_json(report, args.out)
     return report
 
 

@@ -31,9 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -55,6 +53,8 @@ import tensorflow as tf  # noqa: E402
 from tlcore_keras.train import Adam  # noqa: E402
 
 from tlcore.optim import TrainSpec  # noqa: E402
+
+from benchmarks.report import machine, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "keras_step.json"
 PATHS = ("fit", "fit_xla", "train_on_batch", "tf_function", "tf_function_xla", "tlcore")
@@ -162,13 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name:10s} {mode:6s} {path:16s} {r['median_ms']:8.2f} ms/step "
                       f"(min {r['min_ms']:.2f}, max {r['max_ms']:.2f}; first call {r['first_call_s']:.2f} s)",
                       flush=True)
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": os.cpu_count(), "python": sys.version.split()[0], **BACKEND.versions()},
+    report = {"machine": machine(BACKEND.versions()),
               "quick": args.quick, "results": results}
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_json(report, args.out)
     return report
 
 

@@ -1,7 +1,23 @@
 """Turning benchmark rows into ratios, a Markdown table and a PNG chart."""
 from __future__ import annotations
 
+import json
+import os
+import platform
 from pathlib import Path
+
+
+def machine(versions: dict | None = None) -> dict:
+    """Where a benchmark ran: platform, processor, CPU count, Python (and framework versions)."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), **(versions or {})}
+
+
+def write_json(report: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def pairs(report: dict) -> list[dict]:

@@ -10,13 +10,13 @@ from torch import nn
 
 from tlcore.checkpoint import contiguous
 from tlcore.errors import CutError
-from tlcore.freeze import Resolved, TensorInfo, in_layer
+from tlcore.freeze import Resolved, TensorInfo
 from tlcore.head import Head
 from tlcore.model import Model, Trainer
 from tlcore.optim import TrainSpec
 
 from .cut import append_module, cut_module, layer_names
-from .freeze import BATCHNORM, DROPOUT, apply_mask, tensor_infos
+from .freeze import DROPOUT, apply_mask, tensor_infos
 from .head import build_head
 from .train import TorchTrainer
 
