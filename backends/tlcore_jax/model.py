@@ -27,7 +27,7 @@ from .cut import _children, append_head, cut_module, trace_shapes
 from .freeze import Layout, Partition, layout, partition, set_modes, stochastic_modules
 from .head import build_head, pooled_width
 from .layers import CanonicalConv, CanonicalLinear
-from .train import JaxTrainer, _infer, infer
+from .train import JaxTrainer, _infer, infer, infer_batches
 
 
 def infer_input_shape(module: nnx.Module) -> tuple | None:
@@ -138,6 +138,9 @@ class JaxModel(Model):
     def _forward(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(infer(self._module, x))
 
+    def _predict_batches(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        return infer_batches(self._module, x, batch_size)
+
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
         return JaxTrainer(self, spec, self._partition, self._steps)
 
@@ -180,6 +183,9 @@ class JaxModel(Model):
     # ---------------------------------------------------------------- feature caching
     def _features(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(infer(self._module, x, stop=self._head))
+
+    def _batched_features(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+        return infer_batches(self._module, x, batch_size, stop=self._head)
 
     def _head_model(self) -> JaxModel:
         head = getattr(self._module, self._head)
