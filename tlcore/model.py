@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -62,6 +63,17 @@ class Trainer(abc.ABC):
     @abc.abstractmethod
     def step(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
         """Train on one batch; return (summed loss, number correct) as framework scalars."""
+
+    def epoch(self, x: np.ndarray, y: np.ndarray, batches: list, on_step: Callable[[int], Any] = lambda n: None
+              ) -> list[tuple[Any, Any]]:
+        """Train on ``x[b], y[b]`` for each ``b`` of ``batches`` in turn, calling ``on_step(steps
+        done)``; return each step's (summed loss, number correct). A trainer may run the whole
+        epoch in one compiled call instead."""
+        outs = []
+        for b in batches:
+            outs.append(self.step(x[b], y[b]))
+            on_step(1)
+        return outs
 
     def finish(self) -> None:
         """Called after the last step of a ``fit`` (e.g. to write state back); may be called twice."""
@@ -258,8 +270,11 @@ class Model(abc.ABC):
         """Inference-mode outputs (logits for classifiers); numpy in, numpy out."""
         x = data.as_inputs(x, self.input_shape)
         batch_size = data.check_positive_int("batch_size", batch_size)
-        return np.concatenate([np.asarray(self._forward(x[i:i + batch_size]))
-                               for i in range(0, len(x), batch_size)])
+        return self._predict_batches(x, batch_size)
+
+    def _predict_batches(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        """:meth:`_forward` over batches (a backend may prepare once for all of them)."""
+        return np.concatenate([np.asarray(self._forward(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
     def evaluate(self, x, y, batch_size: int = 256, loss: str | None = None) -> dict[str, float]:
         """``{"loss": ..., "accuracy": ...}`` (accuracy for classification losses only)."""
@@ -328,10 +343,7 @@ class Model(abc.ABC):
                    unit="step", leave=False, desc=f"fit [{self.backend}]")
         try:
             for _ in range(epochs):
-                outs = []
-                for idx in data.batch_slices(len(x), batch_size, shuffle, rng):
-                    outs.append(trainer.step(x[idx], y[idx]))
-                    bar.update(1)
+                outs = trainer.epoch(x, y, list(data.batch_slices(len(x), batch_size, shuffle, rng)), bar.update)
                 metrics = {"loss": sum(float(o[0]) for o in outs) / len(x)}
                 if spec.loss != "mse":
                     metrics["accuracy"] = sum(float(o[1]) for o in outs) / len(x)

@@ -18,7 +18,7 @@ from tlcore.head import Head
 from tlcore.model import Model, Trainer
 from tlcore.optim import TrainSpec
 
-from . import cut, freeze
+from . import cut, freeze, shared
 from ._keras import Sequential, keras, tf
 from .head import build_head
 from .train import KerasTrainer, SharedStepTrainer
@@ -242,13 +242,35 @@ class KerasModel(Model):
     def _features(self, x: np.ndarray) -> np.ndarray:
         """The frozen part's output, already pooled by the head's (weightless) ``pool`` layer: the
         cached features are then small, and :meth:`_head_model` starts after the pool."""
+        return self._batched_features(x)
+
+    def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_CHUNK) -> np.ndarray:
+        fn, variables = self._feature_function(x)
+        values = [tf.convert_to_tensor(v) for v in variables]  # read once for all chunks
+        # chunks of FEATURE_CHUNK samples: measured faster on CPU than one big batch (cache-friendly)
+        return np.concatenate([fn(x[i:i + batch_size], values).numpy() for i in range(0, len(x), batch_size)])
+
+    def _feature_function(self, x: np.ndarray) -> tuple:
+        """``(fn, variables)``: ``fn(batch, values of variables)`` computes the pooled features. It is
+        traced once per process for all models of the same structure (:mod:`.shared`)."""
         if "features" not in self._fns:
             pool = cut.children(self._head_layer())[0]
             features = keras.Model(cut.single(self._model.inputs), cut.head_input(self._model, self._head_layer()))
-            self._compiled("features", lambda t: pool(features(t, training=False)), x)
-        fn = self._fns["features"]
-        # chunks of FEATURE_CHUNK samples: measured faster on CPU than one big batch (cache-friendly)
-        return np.concatenate([fn(x[i:i + FEATURE_CHUNK]).numpy() for i in range(0, len(x), FEATURE_CHUNK)])
+            variables = [*features.variables, *pool.variables]
+
+            def make():
+                def run(batch, values):
+                    with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                        return pool(features(batch, training=False))
+                signature = [tf.TensorSpec((None, *x.shape[1:]), tf.float32),
+                             [tf.TensorSpec(v.shape, v.dtype) for v in variables]]
+                return tf.function(run, input_signature=signature, autograph=False).get_concrete_function()
+
+            key = shared.structure_key(features)
+            pool_key = shared.structure_key(pool)
+            fn = make() if key is None or pool_key is None else shared.shared(("features", key, pool_key), make)
+            self._fns["features"] = (fn, variables)
+        return self._fns["features"]
 
     def _head_model(self) -> KerasModel:
         """The head after its ``pool`` layer (see :meth:`_features`), sharing its weights."""

@@ -51,6 +51,7 @@ from tlcore.model import Trainer
 from tlcore.optim import OptimizerSpec, TrainSpec
 
 from ._keras import keras, tf
+from .shared import shared
 
 ops = keras.ops
 
@@ -342,9 +343,6 @@ class KerasTrainer(Trainer):
                        for v in self.optimizer.variables))
 
 
-#: compiled value-in/value-out steps shared by every model of the same structure in this process
-_SHARED_STEPS: dict[tuple, object] = {}
-MAX_SHARED_STEPS = 16
 _traces = [0]  # traces of shared steps so far (a list: updated from inside traced functions)
 
 
@@ -385,28 +383,54 @@ class SharedStepTrainer(Trainer):
         return (loss * tf.cast(tf.shape(x)[0], loss.dtype), correct, [u[0] for u in updated], states,
                 [u[1] for u in updated], iteration + 1)
 
+    def _pure_steps(self, x, y, batches, weights, states, slots, iteration):
+        """One step per row of ``batches`` (indices into ``x`` and ``y``), in a graph loop."""
+        n = tf.shape(batches)[0]
+
+        def body(i, weights, states, slots, iteration, losses, corrects):
+            ids = batches[i]
+            loss, correct, weights, states, slots, iteration = self._pure_step(
+                tf.gather(x, ids), tf.gather(y, ids), weights, states, slots, iteration)
+            return i + 1, weights, states, slots, iteration, losses.write(i, loss), corrects.write(i, correct)
+
+        arrays = [tf.TensorArray(tf.float32, size=n) for _ in range(2)]
+        _, weights, states, slots, iteration, losses, corrects = tf.while_loop(
+            lambda i, *_: i < n, body, [tf.constant(0), weights, states, slots, iteration, *arrays])
+        return losses.stack(), corrects.stack(), weights, states, slots, iteration
+
     def _function(self, x: np.ndarray, y: np.ndarray):
-        key = (self.key, x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str)
-        fn = _SHARED_STEPS.pop(key, None)
-        if fn is None:
+        def make():
             spec = lambda t: tf.TensorSpec(t.shape, t.dtype)  # noqa: E731
             signature = [tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
                          tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
+                         tf.TensorSpec((None, None), tf.int64),
                          [spec(w) for w in self.weights], [spec(v) for v in self.states],
                          [{n: spec(v) for n, v in slot.items()} for slot in self.slots],
                          tf.TensorSpec((), tf.int64)]
-            fn = tf.function(self._pure_step, input_signature=signature, autograph=False)
-        _SHARED_STEPS[key] = fn  # most recently used last
-        while len(_SHARED_STEPS) > MAX_SHARED_STEPS:
-            _SHARED_STEPS.pop(next(iter(_SHARED_STEPS)))
-        return fn
+            return tf.function(self._pure_steps, input_signature=signature, autograph=False)
+
+        return shared(("steps", self.key, x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str), make)
+
+    def _run(self, x: np.ndarray, y: np.ndarray, batches: np.ndarray) -> list[tuple]:
+        before = _traces[0]
+        losses, corrects, self.weights, self.states, self.slots, self.iteration = self._function(x, y)(
+            x, y, batches, self.weights, self.states, self.slots, self.iteration)
+        self.compilations += _traces[0] - before
+        return list(zip(losses.numpy(), corrects.numpy()))
 
     def step(self, x: np.ndarray, y: np.ndarray):
-        before = _traces[0]
-        loss, correct, self.weights, self.states, self.slots, self.iteration = self._function(x, y)(
-            x, y, self.weights, self.states, self.slots, self.iteration)
-        self.compilations += _traces[0] - before
-        return loss, correct
+        return self._run(x, y, np.arange(len(x))[None])[0]
+
+    def epoch(self, x: np.ndarray, y: np.ndarray, batches: list, on_step=lambda n: None) -> list[tuple]:
+        """The whole epoch in one call (the full batches in one graph loop, a shorter last batch in a
+        second call): a head on cached features is so small that calling a step costs more than running it."""
+        ids = [np.arange(len(x))[b] for b in batches]
+        full = [i for i in ids if len(i) == len(ids[0])]
+        outs = self._run(x, y, np.stack(full))
+        if len(full) < len(ids):
+            outs += self._run(x, y, ids[-1][None])
+        on_step(len(ids))
+        return outs
 
     def finish(self) -> None:
         for var, value in zip(self._trainable + self._non_trainable, self.weights + self.states):

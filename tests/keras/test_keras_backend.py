@@ -410,9 +410,10 @@ def test_gelu_head_is_exact_gelu():
 
 def test_cached_head_step_is_compiled_once_per_head_structure():
     """Feature caching trains the head with a value-in/value-out step shared by every model with the
-    same head; a model whose base has its own 'pool' layer (the zoo's small_cnn) works too."""
-    x = np.random.default_rng(0).normal(size=(24, 8, 8, 3)).astype(np.float32)
-    y = np.arange(24) % 3
+    same head, an epoch per call; a model whose base has its own 'pool' layer (the zoo's small_cnn) works too."""
+    x = np.random.default_rng(0).normal(size=(26, 8, 8, 3)).astype(np.float32)
+    y = np.arange(26) % 3
+    # batch 8: three full batches in one graph loop, then a batch of 2
     kw = dict(epochs=2, batch_size=8, optimizer=tl.optim.SGD(lr=0.1, momentum=0.9), progress=False, seed=4)
     runs = []
     for seed in (0, 1, 0):
@@ -433,3 +434,44 @@ def test_cached_head_step_is_compiled_once_per_head_structure():
     uncached.fit(x, y, cache_features=False, **kw)
     for name, value in uncached.state().items():
         np.testing.assert_allclose(runs[0][1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def dense_net(activation: str, name: str = "fc") -> keras.Model:
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, L.Dense(3, activation=activation, name=name)(L.Dense(5, name="hidden")(inputs)))
+
+
+class Doubling(L.Layer):
+    def call(self, x):
+        return 2 * x
+
+
+def test_structure_key_ignores_names_but_not_what_is_computed():
+    from tlcore_keras.shared import structure_key
+
+    assert structure_key(dense_net("relu")) == structure_key(dense_net("relu", name="other"))
+    assert structure_key(dense_net("relu")) != structure_key(dense_net("gelu"))
+    bigger = keras.Sequential([keras.Input((4,)), L.Dense(5, name="hidden"), L.Dense(4, activation="relu")])
+    assert structure_key(bigger) != structure_key(dense_net("relu"))
+    custom = keras.Sequential([keras.Input((4,)), Doubling(), L.Dense(3)])
+    assert structure_key(custom) is None, "a custom layer's config may not say what it computes"
+
+
+def test_frozen_features_are_traced_once_per_structure_and_use_each_models_weights():
+    x = images(10)
+
+    def finetuned(seed: int, widths=(4, 8)) -> tl.Model:
+        base = tl.zoo.create("small_cnn", backend="keras", seed=seed, input_size=8, widths=widths, num_classes=2)
+        return tl.finetune(base, cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(3), seed=seed)
+
+    a, b, other = finetuned(0), finetuned(1), finetuned(0, widths=(4, 6))
+    fn_a, fn_b, fn_other = (m._feature_function(x)[0] for m in (a, b, other))
+    assert fn_a is fn_b, "same structure: one traced function"
+    assert fn_other is not fn_a
+    for m in (a, b, other):  # each model's own weights go through the shared function
+        np.testing.assert_allclose(m._head_model().predict(m._features(x)), m.predict(x), rtol=1e-5, atol=1e-6)
+    assert np.abs(a._features(x) - b._features(x)).max() > 1e-3, "negative control: different weights differ"
+    custom = keras.Sequential([keras.Input((8, 8, 3)), Doubling(name="double"), L.Conv2D(4, 3, name="conv"),
+                               L.GlobalAveragePooling2D(name="gap"), L.Dense(2, name="fc")])
+    ft = tl.finetune(tl.wrap(custom), cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(3))
+    np.testing.assert_allclose(ft._head_model().predict(ft._features(x)), ft.predict(x), rtol=1e-5, atol=1e-6)
