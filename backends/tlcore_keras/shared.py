@@ -43,10 +43,10 @@ def structure_key(model: keras.Layer) -> str | None:
     layers = [model, *model._flatten_layers(include_self=False)]
     if any(not type(layer).__module__.startswith(("keras.", "tlcore_keras.")) for layer in layers):
         return None
-    names: dict[str, str] = {}
+    layer_names, names = {layer.name for layer in layers}, {}
 
-    def rename(name: Any) -> Any:
-        return names.setdefault(name, f"#{len(names)}") if isinstance(name, str) else name
+    def rename(name: Any) -> Any:  # only layer names: a dtype policy's "name" says what is computed
+        return names.setdefault(name, f"#{len(names)}") if name in layer_names else name
 
     def canonical(node: Any) -> Any:
         if isinstance(node, dict):

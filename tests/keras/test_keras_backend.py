@@ -436,9 +436,10 @@ def test_cached_head_step_is_compiled_once_per_head_structure():
         np.testing.assert_allclose(runs[0][1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def dense_net(activation: str, name: str = "fc") -> keras.Model:
+def dense_net(activation: str, name: str = "fc", dtype: str = "float32") -> keras.Model:
     inputs = keras.Input((4,))
-    return keras.Model(inputs, L.Dense(3, activation=activation, name=name)(L.Dense(5, name="hidden")(inputs)))
+    hidden = L.Dense(5, name="hidden")(inputs)
+    return keras.Model(inputs, L.Dense(3, activation=activation, name=name, dtype=dtype)(hidden))
 
 
 class Doubling(L.Layer):
@@ -451,6 +452,8 @@ def test_structure_key_ignores_names_but_not_what_is_computed():
 
     assert structure_key(dense_net("relu")) == structure_key(dense_net("relu", name="other"))
     assert structure_key(dense_net("relu")) != structure_key(dense_net("gelu"))
+    assert structure_key(dense_net("relu")) != structure_key(dense_net("relu", dtype="mixed_bfloat16")), \
+        "same float32 weights, computed in bfloat16"
     bigger = keras.Sequential([keras.Input((4,)), L.Dense(5, name="hidden"), L.Dense(4, activation="relu")])
     assert structure_key(bigger) != structure_key(dense_net("relu"))
     custom = keras.Sequential([keras.Input((4,)), Doubling(), L.Dense(3)])
