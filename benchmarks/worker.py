@@ -7,6 +7,7 @@ Prints one JSON object on stdout's last line.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import resource
@@ -19,9 +20,16 @@ from .workloads import CLIP, LR, MODES, WORKLOADS, build, data
 
 
 def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    """Seconds ``fn()`` takes, collected garbage first and the collector off meanwhile (as timeit
+    does), so that neither side pays for the other's garbage."""
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
 
 
 def summary(seconds: list[float], per: int) -> dict:
@@ -65,23 +73,33 @@ def measure_mode(backend: str, native_cls, workload: str, mode: str, repeats: in
     return rows
 
 
-def measure_e2e(backend: str, native_cls, workload: str, repeats: int, steps: int, epochs: int) -> list[dict]:
-    """A frozen-backbone fine-tune of ``epochs`` epochs, end to end: tlcore (feature caching on by
-    default) against the hand-written loop, each repeat on a new model. The first run is reported
-    apart: it includes tracing/compiling, which later models of the same structure skip in tlcore
-    (the Keras and JAX backends share compiled functions across models)."""
+def e2e_run(backend: str, native_cls, workload: str, impl: str, steps: int, epochs: int) -> tuple[float, dict]:
+    """Seconds of one frozen-backbone fine-tune of ``epochs`` epochs on a new model: tlcore's ``fit``
+    (feature caching on by default) or the hand-written loop; and tlcore's ``History.info``."""
     batch = WORKLOADS[workload].batch
+    model = build(workload, backend, "frozen")
+    x, y = data(model, batch * steps)
+    if impl == "tlcore":
+        info = {}
+        seconds = timed(lambda: info.update(model.fit(x, y, **fit_kwargs("frozen", batch, epochs, "auto")).info))
+        return seconds, info
+    theirs = native_cls(model, "frozen")
+    return timed(lambda: [theirs.train_epoch(x, y, batch) for _ in range(epochs)]), {}
+
+
+def measure_e2e(backend: str, native_cls, workload: str, repeats: int, steps: int, epochs: int) -> list[dict]:
+    """:func:`e2e_run` repeated, tlcore and native interleaved, each repeat on new models. The first
+    repeat compiles what later models of the same structure reuse (tlcore's Keras and JAX backends
+    share compiled functions across models); ``--fresh`` runs measure a new process instead."""
     times, info = {"tlcore": [], "native": []}, {}
     for _ in range(repeats):
-        ours = build(workload, backend, "frozen")
-        theirs = native_cls(build(workload, backend, "frozen"), "frozen")
-        x, y = data(ours, batch * steps)
-        times["tlcore"].append(timed(lambda: info.update(h=ours.fit(x, y, **fit_kwargs("frozen", batch, epochs, "auto")))))
-        times["native"].append(timed(lambda: [theirs.train_epoch(x, y, batch) for _ in range(epochs)]))
-    return [{"backend": backend, "workload": workload, "mode": f"e2e_{epochs}_epochs", "impl": impl, "batch": batch,
-             "steps": steps * epochs, **summary(times[impl], 1), "first_run_ms": 1000 * times[impl][0],
-             "cache_features": info["h"].info["cache_features"] if impl == "tlcore" else "off"}
-            for impl in ("tlcore", "native")]
+        for impl in times:
+            seconds, run_info = e2e_run(backend, native_cls, workload, impl, steps, epochs)
+            times[impl].append(seconds)
+            info.update(run_info)
+    return [{"backend": backend, "workload": workload, "mode": f"e2e_{epochs}_epochs", "impl": impl,
+             "batch": WORKLOADS[workload].batch, "steps": steps * epochs, **summary(times[impl], 1),
+             "cache_features": info["cache_features"] if impl == "tlcore" else "off"} for impl in times]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,9 +109,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--fresh", choices=("tlcore", "native"),
+                   help="only time one end-to-end run of this side, in this new process (with its compiling)")
     args = p.parse_args(argv)
     native_cls = importlib.import_module(f"benchmarks.native.{args.backend}_loop").Native
     tl.get_backend(args.backend)
+    if args.fresh:
+        seconds, _ = e2e_run(args.backend, native_cls, args.workloads, args.fresh, args.steps, args.epochs)
+        out = {"fresh_process_ms": 1000 * seconds}
+        print(json.dumps(out))
+        return out
     rows = []
     for workload in args.workloads.split(","):
         for mode in MODES:
