@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="pretrained digits 0-4 -> fine-tuned digits 5-9, with evidence")
     d.add_argument("--backend", default="all", help="torch, keras, jax or all (default: all installed)")
     d.add_argument("--shots", type=int, default=10, help="labelled images per class of digits 5-9 (default 10)")
-    d.add_argument("--epochs", type=int, default=40, help="epochs for every strategy (default 40)")
+    d.add_argument("--epochs", type=int, default=30, help="epochs for every strategy (default 30)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="demo-out", help="folder for report.json and accuracy_vs_shots.png")
     d.add_argument("--no-curve", action="store_true", help="skip the accuracy-vs-shots runs and plot")

@@ -31,8 +31,8 @@ SOURCE, TARGET = tuple(range(5)), tuple(range(5, 10))
 def build(strategy: str, backend: str, seed: int) -> tl.Model:
     """The model a strategy trains: pretrained and cut (frozen or not), or a fresh network."""
     if strategy == "from scratch":
-        base = tl.zoo.create("small_cnn", backend=backend, seed=seed + 1000, in_channels=1, input_size=8,
-                             widths=(16, 32, 64), num_classes=5)
+        _, config, _ = tl.zoo.PRETRAINED["small_cnn"]["digits04"]
+        base = tl.zoo.create("small_cnn", backend=backend, seed=seed + 1000, **config)
     else:
         base = tl.zoo.create("small_cnn", backend=backend, pretrained="digits04")
     freeze = tl.FreezePolicy.all() if strategy == "frozen fine-tune" else tl.FreezePolicy.none()

@@ -28,7 +28,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 PRETRAINED: dict[str, dict[str, tuple[str, dict, str]]] = {
     "small_cnn": {
         "digits04": ("small_cnn-digits04.safetensors",
-                     {"in_channels": 1, "input_size": 8, "widths": (16, 32, 64), "num_classes": 5},
+                     {"in_channels": 1, "input_size": 8, "widths": (64, 128, 256), "num_classes": 5},
                      "scikit-learn digits 0-4 (8x8 grey), scripts/train_pretrained.py"),
     },
 }
