@@ -33,7 +33,7 @@ class Native:
             if self.mode == "frozen_clip":
                 nn.utils.clip_grad_norm_(self.params, CLIP, foreach=True)
             self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def forward(self, x: np.ndarray, batch: int) -> np.ndarray:
         self.net.eval()
