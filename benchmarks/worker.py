@@ -34,7 +34,7 @@ def timed(fn) -> float:
 
 def summary(seconds: list[float], per: int) -> dict:
     ms = [1000 * s / per for s in seconds]
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "runs": len(ms)}
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "runs_ms": ms}
 
 
 def fit_kwargs(mode: str, batch: int, epochs: int = 1, cache: bool | str = False) -> dict:
