@@ -59,20 +59,13 @@ def measure_mode(backend: str, native_cls, workload: str, mode: str, repeats: in
         first_ours = timed(lambda: ours.fit(x[:batch], y[:batch], **kw))
         first_theirs = timed(lambda: theirs.train_epoch(x[:batch], y[:batch], batch))
     times = {"tlcore": [], "native": []}
-    forward = []  # frozen modes: the same model's forward pass, timed between its training runs
-    if mode in ("frozen", "frozen_clip"):
-        ours.predict(x[:batch], batch_size=batch)  # compiled before it is timed
     for _ in range(repeats):  # interleaved, so drifts of the machine hit both alike
         times["tlcore"].append(timed(run_ours))
         times["native"].append(timed(run_theirs))
-        if mode in ("frozen", "frozen_clip"):
-            forward.append(timed(lambda: ours.predict(x, batch_size=batch)))
     rows = []
     for impl, first in (("tlcore", first_ours), ("native", first_theirs)):
         row = {"backend": backend, "workload": workload, "mode": mode, "impl": impl, "batch": batch,
                "steps": steps, **summary(times[impl], steps), "first_step_ms": 1000 * first}
-        if forward and impl == "tlcore":
-            row["forward_runs_ms"] = summary(forward, steps)["runs_ms"]
         if mode != "forward":
             row["optimizer_state_bytes"] = (hist["h"].info["optimizer_state_bytes"] if impl == "tlcore"
                                             else theirs.optimizer_state_bytes())
