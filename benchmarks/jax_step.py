@@ -44,19 +44,17 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from tlcore_jax.layers import NamedSequential, Pool  # noqa: E402
+from tlcore_jax.zoo import max_pool_2x2  # noqa: E402
 
 from tlcore.optim import TrainSpec  # noqa: E402
 
 from benchmarks.report import machine, write_json  # noqa: E402
+from benchmarks.workloads import CLIP, LR  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "jax_step.json"
 MODES = ("full", "frozen", "frozen_clip", "forward", "naive_frozen_clip")
-BATCH, CLASSES, LR, CLIP = 64, 10, 0.01, 1.0
+BATCH, CLASSES = 64, 10
 WIDTHS = (32, 64, 128, 256)
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    return nnx.max_pool(x, (2, 2), strides=(2, 2))
 
 
 def small_cnn(seed: int = 0) -> NamedSequential:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 import tlcore as tl
 
 from .datasets import digits, few_shot

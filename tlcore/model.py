@@ -29,6 +29,9 @@ from .optim import Adam, OptimizerSpec, TrainSpec, check_loss
 
 log = logging.getLogger("tlcore")
 
+#: samples per batch of the frozen-feature pass (small CNN, 2 cores: 128 -> 136 ms, 512 -> 159 ms per 512 samples)
+FEATURE_BATCH = 128
+
 
 class FeatureCacheRefused(TlcoreError, ValueError):
     """``fit(cache_features=True)`` was asked for but the frozen part is not cacheable."""
@@ -383,7 +386,9 @@ class Model(abc.ABC):
         hist.info.update(cache_features="used", seconds=time.perf_counter() - t0)
         return hist
 
-    def _batched_features(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
+        """The frozen features of ``x``, computed ``batch_size`` samples at a time (a backend may prepare
+        once for all batches)."""
         return np.concatenate([np.asarray(self._features(x[i:i + batch_size]))
                                for i in range(0, len(x), batch_size)])
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from flax import nnx
 
 from tlcore.errors import TlcoreError
-from tlcore.freeze import Resolved, TensorInfo, in_layer
+from tlcore.freeze import Resolved, TensorInfo, owning_layer
 
 from .cut import Path, display_name, elided_paths, layer_entries, layer_kind
 from .layers import CanonicalBatchNorm
@@ -65,7 +65,7 @@ def layout(module: nnx.Module, order: Iterable[str] = ()) -> Layout:
         entries = [e for _, e in sorted(enumerate(entries), key=lambda ie: (rank.get(ie[1][0], len(rank)), ie[0]))]
     layers = [name for name, _, _ in entries]
     kinds = {name: layer_kind(obj) for name, _, obj in entries}
-    order = {name: i for i, name in enumerate(layers)}
+    order, known = {name: i for i, name in enumerate(layers)}, set(layers)
     elided = elided_paths(module)
     nodes = {tuple(p): n for p, n in nnx.iter_graph(module)
              if isinstance(n, (nnx.Pytree, nnx.Variable))}
@@ -84,17 +84,9 @@ def layout(module: nnx.Module, order: Iterable[str] = ()) -> Layout:
                                   f"({path_of[name]} and {path}); rename one of them")
             path_of[name] = path
             unit = display_name(path[:-1], elided) if kind in ("bn_param", "bn_stat") else ""
-            infos.append(TensorInfo(name, _owner(name, layers), kind, unit))
+            infos.append(TensorInfo(name, owning_layer(name, known), kind, unit))
     infos.sort(key=lambda t: (order.get(t.layer, -1), t.name))
     return Layout(layers, kinds, infos, path_of, module_path, sorted(streams))
-
-
-def _owner(name: str, layers: Iterable[str]) -> str:
-    best = ""
-    for layer in layers:
-        if in_layer(name, layer) and len(layer) > len(best):
-            best = layer
-    return best
 
 
 @dataclass(frozen=True)

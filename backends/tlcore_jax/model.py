@@ -20,14 +20,14 @@ from flax import nnx
 from tlcore.errors import CutError
 from tlcore.freeze import Resolved, TensorInfo
 from tlcore.head import Head
-from tlcore.model import Model, Trainer
+from tlcore.model import FEATURE_BATCH, Model, Trainer
 from tlcore.optim import TrainSpec
 
 from .cut import _children, append_head, cut_module, trace_shapes
 from .freeze import Layout, Partition, layout, partition, set_modes, stochastic_modules
 from .head import build_head, pooled_width
 from .layers import CanonicalConv, CanonicalLinear
-from .train import JaxTrainer, _infer, infer, infer_batches
+from .train import JaxTrainer, _infer, infer_batches
 
 
 def infer_input_shape(module: nnx.Module) -> tuple | None:
@@ -136,7 +136,7 @@ class JaxModel(Model):
         self._steps: dict = {}  # this partition's compiled steps by step config (skips hashing the graph)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(infer(self._module, x))
+        return infer_batches(self._module, x, len(x))
 
     def _predict_batches(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         return infer_batches(self._module, x, batch_size)
@@ -182,9 +182,9 @@ class JaxModel(Model):
 
     # ---------------------------------------------------------------- feature caching
     def _features(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(infer(self._module, x, stop=self._head))
+        return infer_batches(self._module, x, len(x), stop=self._head)
 
-    def _batched_features(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
         return infer_batches(self._module, x, batch_size, stop=self._head)
 
     def _head_model(self) -> JaxModel:

@@ -76,12 +76,17 @@ def input_shape_of(model: keras.Model) -> tuple | None:
     return tuple(inputs[0].shape[1:])
 
 
-def output_in(graph: Layer, layer: Layer):
-    """The symbolic output of ``layer`` inside ``graph`` (one call, one output), else a CutError."""
+def _nodes_in(graph: Layer, layer: Layer) -> list:
+    """The calls (nodes) of ``layer`` that belong to the graph model ``graph``."""
     if isinstance(graph, Sequential):
         graph = graph._functional
     keys = graph._nodes
-    nodes = [n for i, n in enumerate(layer._inbound_nodes) if f"{id(layer)}_ib-{i}" in keys]
+    return [n for i, n in enumerate(layer._inbound_nodes) if f"{id(layer)}_ib-{i}" in keys]
+
+
+def output_in(graph: Layer, layer: Layer):
+    """The symbolic output of ``layer`` inside ``graph`` (one call, one output), else a CutError."""
+    nodes = _nodes_in(graph, layer)
     if len(nodes) != 1:
         raise CutError(f"layer {layer.name!r} is called {len(nodes)} times in {graph.name!r}, so its output "
                        "is ambiguous; cut at a layer that is called once")
@@ -244,7 +249,4 @@ def append_head(model: keras.Model, head: keras.Model) -> keras.Model:
 
 def head_input(model: keras.Model, head: Layer):
     """The symbolic input of the head layer (the last layer) of a graph model."""
-    graph = model._functional if isinstance(model, Sequential) else model
-    keys = graph._nodes
-    node = next(n for i, n in enumerate(head._inbound_nodes) if f"{id(head)}_ib-{i}" in keys)
-    return node.input_tensors[0]
+    return _nodes_in(model, head)[0].input_tensors[0]

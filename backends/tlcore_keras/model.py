@@ -15,7 +15,7 @@ import numpy as np
 from tlcore.errors import CutError, FreezePolicyError, UnsupportedModelError
 from tlcore.freeze import Resolved, TensorInfo
 from tlcore.head import Head
-from tlcore.model import Model, Trainer
+from tlcore.model import FEATURE_BATCH, Model, Trainer
 from tlcore.optim import TrainSpec
 
 from . import cut, freeze, shared
@@ -25,8 +25,6 @@ from .train import KerasTrainer, SharedStepTrainer
 
 #: compiled training steps kept per model (one per optimizer spec and trainable set)
 MAX_TRAINERS = 4
-#: batch size of the frozen-feature pass (small CNN, 2 cores: 128 -> 136 ms, 512 -> 159 ms per 512 samples)
-FEATURE_CHUNK = 128
 
 
 def _named(model: keras.Model) -> dict:
@@ -161,14 +159,11 @@ class KerasModel(Model):
         if self._shared_key is not None and variables:
             return SharedStepTrainer(self._model, rngs, spec, (*self._shared_key, replace(spec, seed=0)))
         key = (replace(spec, seed=0), tuple(self._resolved.mask.items()), self._resolved.frozen_bn_units)
-        trainer = self._trainers.pop(key, None)
-        if trainer is None:
-            trainer = KerasTrainer(self._model, variables, rngs, spec)
-        else:
+        reuse = key in self._trainers
+        trainer = shared.shared(key, lambda: KerasTrainer(self._model, variables, rngs, spec), self._trainers,
+                                MAX_TRAINERS)
+        if reuse:
             trainer.reset(rngs, spec.seed)
-        self._trainers[key] = trainer  # most recently used last
-        while len(self._trainers) > MAX_TRAINERS:
-            self._trainers.pop(next(iter(self._trainers)))
         return trainer
 
     def _stochastic_layers(self) -> list[str]:
@@ -244,10 +239,9 @@ class KerasModel(Model):
         cached features are then small, and :meth:`_head_model` starts after the pool."""
         return self._batched_features(x)
 
-    def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_CHUNK) -> np.ndarray:
+    def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
         fn, variables = self._feature_function(x)
         values = [tf.convert_to_tensor(v) for v in variables]  # read once for all chunks
-        # chunks of FEATURE_CHUNK samples: measured faster on CPU than one big batch (cache-friendly)
         return np.concatenate([fn(x[i:i + batch_size], values).numpy() for i in range(0, len(x), batch_size)])
 
     def _feature_function(self, x: np.ndarray) -> tuple:
