@@ -97,11 +97,6 @@ class Partition:
     mutable: frozenset[Path]          # written by the forward pass (trainable BN statistics, RNG)
     frozen_bn: frozenset[Path]        # native module paths of BatchNorm layers run on running averages
 
-    def filters(self) -> tuple:
-        """Filters for ``nnx.split(module, *filters)``: trainable, mutable, then everything else."""
-        trainable, mutable = self.trainable, self.mutable
-        return (lambda path, _: tuple(path) in trainable, lambda path, _: tuple(path) in mutable, ...)
-
 
 def partition(lay: Layout, resolved: Resolved) -> Partition:
     """Split the resolved mask into what a training step differentiates, updates and keeps."""

@@ -133,7 +133,7 @@ class JaxModel(Model):
 
     def _apply_freeze(self, resolved: Resolved) -> None:
         self._partition = partition(self.layout, resolved)
-        self._steps: dict = {}  # this partition's compiled steps by step config (skips hashing the graph)
+        self._prepared: dict = {}  # this partition's leaf splits and compiled steps (see JaxTrainer)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         return infer_batches(self._module, x, len(x))
@@ -142,7 +142,7 @@ class JaxModel(Model):
         return infer_batches(self._module, x, batch_size)
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
-        return JaxTrainer(self, spec, self._partition, self._steps)
+        return JaxTrainer(self, spec, self._partition, self._prepared)
 
     def _stochastic_layers(self) -> list[str]:
         names = {p: n for n, p in self.layout.module_path.items()}

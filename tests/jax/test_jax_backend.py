@@ -103,7 +103,7 @@ def test_no_gradient_is_computed_for_frozen_parameters(clip):
     x, y = sample_data(ft, n=16)
     trainer = trainer_for(ft, tl.optim.AdamW(lr=1e-2, weight_decay=0.05), clip)
     # only the trainable parameters are differentiated and optimized
-    trainable = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainer.trainable)}
+    trainable = {".".join(map(str, p)) for p in trainer.trainable_paths}
     assert trainable == {"head.fc0.kernel", "head.fc0.bias", "head.out.kernel", "head.out.bias"}
     # no backward convolution at all, before XLA's dead-code elimination and after it
     assert conv_count(trainer.jaxpr(x, y).jaxpr) == FORWARD_CONVS
@@ -156,6 +156,40 @@ def test_optimizer_state_only_for_trainable_parameters():
     assert trainer_for(ft, tl.optim.Adam(lr=1e-3)).optimizer_state_bytes() == 2 * head_bytes + 4  # + step count
     assert trainer_for(ft, tl.optim.SGD(lr=0.1)).optimizer_state_bytes() == 0
     assert trainer_for(ft, tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-2)).optimizer_state_bytes() == head_bytes
+
+
+class Tied(nnx.Module):
+    """One Linear layer used twice (tied weights), then a classifier."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.enc = nnx.Linear(4, 4, rngs=rngs)
+        self.dec = self.enc
+        self.out = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.dec(nnx.relu(self.enc(x)))))
+
+
+def test_tied_weights_stay_tied_and_their_gradient_sums_both_uses():
+    m = tl.wrap(Tied(nnx.Rngs(0)), input_shape=(4,))
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    y = np.arange(8) % 3
+    # the reference: plain JAX, the gradient of the shared parameters taken once, through both uses
+    # (nnx.split lists the shared layer once, under its first name in sorted order: "dec")
+    graphdef, params = nnx.split(m.native, nnx.Param)
+
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p)(x), y).mean()
+
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params))
+    before = np.asarray(m.native.enc.kernel.get_value())
+    fit(m, x, y, optimizer=tl.optim.SGD(lr=0.1), batch_size=8)
+    assert m.native.dec is m.native.enc, "still one layer"
+    after = np.asarray(m.native.enc.kernel.get_value())
+    assert not np.allclose(after, before), "negative control: the shared kernel trained"
+    np.testing.assert_allclose(after, expected["dec"]["kernel"].get_value(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(m.native.out.kernel.get_value()),
+                               expected["out"]["kernel"].get_value(), atol=1e-6)
 
 
 # ---------------------------------------------------------------- BatchNorm and randomness
