@@ -21,13 +21,13 @@ def write_json(report: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def ratio(tlcore: dict, native: dict) -> float:
-    """tlcore / native: the median of the ratios of runs timed back to back (so a slow spell of the
-    machine hits both sides of a pair), or of the medians when the runs are not paired."""
-    a, b = tlcore.get("runs_ms", []), native.get("runs_ms", [])
-    if a and len(a) == len(b):
-        return statistics.median(x / y for x, y in zip(a, b))
-    return tlcore["median_ms"] / native["median_ms"]
+def ratio(a: dict, b: dict) -> float:
+    """Row ``a`` / row ``b``: the median of the ratios of their runs of the same repeat (timed close
+    together, so a slow spell of the machine hits both), or of the medians when runs are not paired."""
+    x, y = a.get("runs_ms", []), b.get("runs_ms", [])
+    if x and len(x) == len(y):
+        return statistics.median(p / q for p, q in zip(x, y))
+    return a["median_ms"] / b["median_ms"]
 
 
 def pairs(report: dict) -> list[dict]:
@@ -43,9 +43,10 @@ def pairs(report: dict) -> list[dict]:
 
 
 def frozen_vs_forward(report: dict) -> dict:
-    index = {(r["backend"], r["workload"], r["mode"]): r for r in report["rows"] if r["impl"] == "tlcore"}
-    return {(b, w, m): index[(b, w, m)]["median_ms"] / index[(b, w, "forward")]["median_ms"]
-            for (b, w, m) in index if m in ("frozen", "frozen_clip")}
+    """(backend, workload, mode, impl) -> frozen (or frozen_clip) step / forward pass, paired by repeat."""
+    index = {(r["backend"], r["workload"], r["mode"], r["impl"]): r for r in report["rows"]}
+    return {(b, w, m, i): ratio(r, index[(b, w, "forward", i)])
+            for (b, w, m, i), r in index.items() if m in ("frozen", "frozen_clip")}
 
 
 def markdown(report: dict) -> str:
@@ -68,10 +69,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {p['backend']} | {p['workload']} | {mode} | {t['median_ms']:.2f} ({t['min_ms']:.2f}-{t['max_ms']:.2f}) "
                      f"| {n['median_ms']:.2f} ({n['min_ms']:.2f}-{n['max_ms']:.2f}) | **{p['ratio']:.3f}** | {first} | {state} |"
                      .replace("ms/step", unit))
-    lines += ["", "| backend | workload | frozen step / forward | frozen+clip step / forward |", "|---|---|---|---|"]
+    lines += ["", "Frozen-backbone step / inference forward pass (median of the ratios of the same repeat), tlcore "
+              "(hand-written loop in brackets)", "",
+              "| backend | workload | frozen step / forward | frozen+clip step / forward |", "|---|---|---|---|"]
     fv = frozen_vs_forward(report)
-    for b, w in sorted({(b, w) for b, w, _ in fv}):
-        lines.append(f"| {b} | {w} | {fv[(b, w, 'frozen')]:.2f}x | {fv[(b, w, 'frozen_clip')]:.2f}x |")
+    for b, w in dict.fromkeys((b, w) for b, w, _, _ in fv):
+        cells = [f"{fv[(b, w, m, 'tlcore')]:.2f}x ({fv[(b, w, m, 'native')]:.2f}x)" for m in ("frozen", "frozen_clip")]
+        lines.append(f"| {b} | {w} | {' | '.join(cells)} |")
     e2e = [p for p in pairs(report) if p["mode"].startswith("e2e") and "fresh_process_ms" in p["tlcore"]]
     if e2e:
         lines += ["", f"Frozen-backbone fine-tune ({e2e[0]['mode'].replace('_', ' ')}), speed-up of tlcore over the "

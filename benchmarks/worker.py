@@ -13,6 +13,11 @@ import json
 import resource
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 import tlcore as tl
 
@@ -42,34 +47,55 @@ def fit_kwargs(mode: str, batch: int, epochs: int = 1, cache: bool | str = False
                 progress=False, cache_features=cache, clip_grad_norm=CLIP if mode == "frozen_clip" else None)
 
 
-def measure_mode(backend: str, native_cls, workload: str, mode: str, repeats: int, steps: int) -> list[dict]:
+@dataclass
+class Side:
+    """One implementation (tlcore or the hand-written loop) of one mode, ready to time."""
+
+    run: Callable[[], Any]
+    first_step_ms: float
+    state_bytes: Callable[[], int] | None = None
+    seconds: list[float] = field(default_factory=list)
+
+
+def prepare(backend: str, native_cls, workload: str, mode: str, x: np.ndarray, y: np.ndarray) -> dict[str, Side]:
+    """tlcore and the hand-written loop for ``mode``, each on its own model, after one first (compiling) step."""
     batch = WORKLOADS[workload].batch
     ours = build(workload, backend, mode)
     theirs = native_cls(build(workload, backend, mode), "frozen" if mode == "forward" else mode)
-    x, y = data(ours, batch * steps)
     if mode == "forward":
-        run_ours, run_theirs = (lambda: ours.predict(x, batch_size=batch)), (lambda: theirs.forward(x, batch))
         first_ours = timed(lambda: ours.predict(x[:batch], batch_size=batch))
         first_theirs = timed(lambda: theirs.forward(x[:batch], batch))
-    else:
-        kw = fit_kwargs(mode, batch)
-        hist = {}
-        run_ours = lambda: hist.update(h=ours.fit(x, y, **kw))  # noqa: E731
-        run_theirs = lambda: theirs.train_epoch(x, y, batch)  # noqa: E731
-        first_ours = timed(lambda: ours.fit(x[:batch], y[:batch], **kw))
-        first_theirs = timed(lambda: theirs.train_epoch(x[:batch], y[:batch], batch))
-    times = {"tlcore": [], "native": []}
-    for _ in range(repeats):  # interleaved, so drifts of the machine hit both alike
-        times["tlcore"].append(timed(run_ours))
-        times["native"].append(timed(run_theirs))
+        return {"tlcore": Side(lambda: ours.predict(x, batch_size=batch), 1000 * first_ours),
+                "native": Side(lambda: theirs.forward(x, batch), 1000 * first_theirs)}
+    kw = fit_kwargs(mode, batch)
+    hist = {}
+    first_ours = timed(lambda: hist.update(h=ours.fit(x[:batch], y[:batch], **kw)))
+    first_theirs = timed(lambda: theirs.train_epoch(x[:batch], y[:batch], batch))
+    return {"tlcore": Side(lambda: hist.update(h=ours.fit(x, y, **kw)), 1000 * first_ours,
+                           lambda: hist["h"].info["optimizer_state_bytes"]),
+            "native": Side(lambda: theirs.train_epoch(x, y, batch), 1000 * first_theirs,
+                           theirs.optimizer_state_bytes)}
+
+
+def measure_modes(backend: str, native_cls, workload: str, repeats: int, steps: int) -> list[dict]:
+    """ms per step of every mode, tlcore and native. Each repeat runs every mode once, tlcore and
+    native back to back in alternating order (ABBA), so a slow spell of the machine hits both sides
+    of a pair and the modes of one repeat alike; ``runs_ms[i]`` of every row is from repeat ``i``."""
+    batch = WORKLOADS[workload].batch
+    x, y = data(build(workload, backend, "forward"), batch * steps)
+    sides = {mode: prepare(backend, native_cls, workload, mode, x, y) for mode in MODES}
+    for r in range(repeats):
+        for mode in MODES:
+            for impl in ("tlcore", "native") if r % 2 == 0 else ("native", "tlcore"):
+                sides[mode][impl].seconds.append(timed(sides[mode][impl].run))
     rows = []
-    for impl, first in (("tlcore", first_ours), ("native", first_theirs)):
-        row = {"backend": backend, "workload": workload, "mode": mode, "impl": impl, "batch": batch,
-               "steps": steps, **summary(times[impl], steps), "first_step_ms": 1000 * first}
-        if mode != "forward":
-            row["optimizer_state_bytes"] = (hist["h"].info["optimizer_state_bytes"] if impl == "tlcore"
-                                            else theirs.optimizer_state_bytes())
-        rows.append(row)
+    for mode in MODES:
+        for impl, side in sides[mode].items():
+            row = {"backend": backend, "workload": workload, "mode": mode, "impl": impl, "batch": batch,
+                   "steps": steps, **summary(side.seconds, steps), "first_step_ms": side.first_step_ms}
+            if side.state_bytes is not None:
+                row["optimizer_state_bytes"] = side.state_bytes()
+            rows.append(row)
     return rows
 
 
@@ -127,8 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         return out
     rows = []
     for workload in args.workloads.split(","):
-        for mode in MODES:
-            rows += measure_mode(args.backend, native_cls, workload, mode, args.repeats, args.steps)
+        rows += measure_modes(args.backend, native_cls, workload, args.repeats, args.steps)
         rows += measure_e2e(args.backend, native_cls, workload, max(1, args.repeats // 2), args.steps, args.epochs)
     out = {"backend": args.backend, "versions": tl.get_backend(args.backend).versions(), "rows": rows,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
