@@ -130,10 +130,12 @@ class LeafSplit:
 def leaf_split(module: nnx.Module, treedef: Any, part: Partition) -> LeafSplit:
     """The :class:`LeafSplit` of ``module`` (whose pytree structure is ``treedef``) for ``part``."""
     variables = _variables(module)
-    if len(variables) != treedef.num_leaves:
-        raise TlcoreError(f"{type(module).__name__} holds a variable whose value is not a single array; "
-                          "tlcore's JAX trainer needs one array per nnx.Variable")
     path_of = {id(v): tuple(p) for p, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
+    if len(variables) != treedef.num_leaves:
+        odd = [".".join(map(str, path_of[id(v)])) for v in variables if len(jax.tree.leaves(v.get_raw_value())) != 1]
+        raise TlcoreError(f"the variables {odd} of {type(module).__name__} do not hold exactly one array each; "
+                          "tlcore's JAX trainer needs one array per nnx.Variable (store None or a tuple as a "
+                          "plain attribute, or one Variable per array)")
     first: dict[int, int] = {}
     for i, v in enumerate(variables):
         first.setdefault(id(v), i)
@@ -275,14 +277,15 @@ class JaxTrainer(Trainer):
     def __init__(self, model: JaxModel, spec: TrainSpec, part: Partition, cache: dict):
         self.module = model.native
         self.spec = spec
-        reseed(self.module, model.layout.rng_streams, spec.seed, model.rng_prefix)
-        leaves, treedef = jax.tree.flatten(self.module)
+        treedef = jax.tree.structure(self.module)
         self.cfg = StepConfig(spec.optimizer, spec.loss, spec.clip_grad_norm, part.frozen_bn)
         key = (treedef, self.cfg)
         if key not in cache:  # this model's partition: skips hashing the split at every fit
             split = cache.get(treedef) or cache.setdefault(treedef, leaf_split(self.module, treedef, part))
             cache[key] = compiled_step(split, self.cfg)
         self.split, self.compiled = cache[treedef], cache[key]
+        reseed(self.module, model.layout.rng_streams, spec.seed, model.rng_prefix)
+        leaves = jax.tree.leaves(self.module)
         self.trainable, self.mutable, self.const = ([leaves[i] for i in idx] for idx in
                                                     (self.split.trainable, self.split.mutable, self.split.const))
         self.opt_state = self.compiled.init(self.trainable)

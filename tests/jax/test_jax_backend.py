@@ -192,6 +192,25 @@ def test_tied_weights_stay_tied_and_their_gradient_sums_both_uses():
                                expected["out"]["kernel"].get_value(), atol=1e-6)
 
 
+class PairVariable(nnx.Module):
+    """Holds a tuple of two arrays in one Variable, which the training step cannot take apart."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(4, 3, rngs=rngs)
+        self.extra = nnx.Variable((jnp.zeros(2), jnp.ones(2)))
+
+    def __call__(self, x):
+        return self.fc(x)
+
+
+def test_a_variable_holding_several_arrays_is_named_before_training_starts():
+    m = tl.wrap(PairVariable(nnx.Rngs(0)), input_shape=(4,))
+    before = np.asarray(m.native.fc.kernel.get_value())
+    with pytest.raises(tl.TlcoreError, match=r"\['extra'\].*one array per nnx.Variable"):
+        fit(m, np.zeros((8, 4), np.float32), np.zeros(8, int))
+    np.testing.assert_array_equal(np.asarray(m.native.fc.kernel.get_value()), before)
+
+
 # ---------------------------------------------------------------- BatchNorm and randomness
 
 
