@@ -90,7 +90,7 @@ def loss_and_correct(out: jax.Array, y: jax.Array, loss: str) -> tuple[jax.Array
 
 @dataclass(frozen=True)
 class StepConfig:
-    """The static part of a training step (hashable); the partition shows in the arguments' pytree."""
+    """The static part of a training step besides the module's :class:`LeafSplit` (hashable)."""
 
     optimizer: OptimizerSpec
     loss: str
