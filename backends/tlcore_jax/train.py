@@ -279,11 +279,15 @@ class JaxTrainer(Trainer):
         self.spec = spec
         treedef = jax.tree.structure(self.module)
         self.cfg = StepConfig(spec.optimizer, spec.loss, spec.clip_grad_norm, part.frozen_bn)
+        # ``cache`` is this model's partition's: its leaf split by structure, compiled steps by
+        # (structure, config), so a fit hashes no split
+        if treedef not in cache:
+            cache[treedef] = leaf_split(self.module, treedef, part)
+        self.split = cache[treedef]
         key = (treedef, self.cfg)
-        if key not in cache:  # this model's partition: skips hashing the split at every fit
-            split = cache.get(treedef) or cache.setdefault(treedef, leaf_split(self.module, treedef, part))
-            cache[key] = compiled_step(split, self.cfg)
-        self.split, self.compiled = cache[treedef], cache[key]
+        if key not in cache:
+            cache[key] = compiled_step(self.split, self.cfg)
+        self.compiled = cache[key]
         reseed(self.module, model.layout.rng_streams, spec.seed, model.rng_prefix)
         leaves = jax.tree.leaves(self.module)
         self.trainable, self.mutable, self.const = ([leaves[i] for i in idx] for idx in
