@@ -16,7 +16,12 @@ import os
 import sys
 import warnings
 
+from tlcore.native_libs import load_triton_first
+
 from . import KerasBackendError
+
+if "torch" in sys.modules and "tensorflow" not in sys.modules:
+    load_triton_first()  # before TensorFlow's LLVM is loaded globally (see tlcore.native_libs)
 
 if "keras" not in sys.modules:
     _requested = os.environ.get("KERAS_BACKEND")

@@ -1,9 +1,8 @@
 """The PyTorch backend (imports torch)."""
 from __future__ import annotations
 
-import torch
-from torch import nn
 
+from ._torch import torch, nn
 from tlcore.backend import Backend
 
 from .model import TorchModel

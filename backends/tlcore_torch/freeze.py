@@ -1,8 +1,8 @@
 """Applying a resolved freeze mask to an ``nn.Module``."""
 from __future__ import annotations
 
-from torch import nn
 
+from ._torch import nn
 from tlcore.freeze import Resolved, TensorInfo, owning_layer
 
 BATCHNORM = (nn.modules.batchnorm._BatchNorm,)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
-from torch import nn
 
+from ._torch import torch, nn
 from tlcore.head import Head
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}

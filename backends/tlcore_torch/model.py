@@ -5,9 +5,8 @@ import copy
 from dataclasses import replace
 
 import numpy as np
-import torch
-from torch import nn
 
+from ._torch import torch, nn
 from tlcore.checkpoint import contiguous
 from tlcore.errors import CutError
 from tlcore.freeze import Resolved, TensorInfo

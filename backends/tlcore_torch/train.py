@@ -4,10 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 
+from ._torch import torch, nn, F
 from tlcore.model import Trainer
 from tlcore.optim import OptimizerSpec, TrainSpec
 

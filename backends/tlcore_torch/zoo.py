@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import torch
-from torch import nn
-from torch.nn import functional as F
 
+from ._torch import torch, nn, F
 from .head import Pool
 
 
