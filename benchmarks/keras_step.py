@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import tlcore as tl  # noqa: E402
 from benchmarks import workloads  # noqa: E402
+from tlcore.testing import example_shape  # noqa: E402
 
 BACKEND = tl.get_backend("keras")  # sets KERAS_BACKEND=tensorflow before Keras is imported
 
@@ -71,7 +72,7 @@ def workload(name: str, mode: str) -> tuple[tl.Model, int, int]:
 
 def data(model: tl.Model, batch: int, classes: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch * steps, *model.input_shape)).astype(np.float32)
+    x = rng.normal(size=(batch * steps, *example_shape(model))).astype(np.float32)
     return x, rng.integers(0, classes, size=batch * steps).astype(np.int64)
 
 

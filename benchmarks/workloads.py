@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import tlcore as tl
+from tlcore.testing import example_shape
 
 MODES = ("full", "frozen", "frozen_clip", "forward")
 CLIP = 1.0
@@ -41,4 +42,4 @@ def build(workload: str, backend: str, mode: str, seed: int = 0) -> tl.Model:
 
 def data(model: tl.Model, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, *model.input_shape)).astype(np.float32), rng.integers(0, 10, n).astype(np.int64)
+    return rng.normal(size=(n, *example_shape(model))).astype(np.float32), rng.integers(0, 10, n).astype(np.int64)

@@ -33,12 +33,30 @@ def test_layer_cut_resolution():
     assert tl.LayerCut().resolve(LAYERS) is None
     with pytest.raises(tl.LayerNotFoundError, match="did you mean 'layer2'"):
         tl.LayerCut(at="layer3").resolve(LAYERS)
-    with pytest.raises(tl.LayerNotFoundError, match="out of range"):
-        tl.LayerCut(at=6).resolve(LAYERS)
+    with pytest.raises(tl.LayerNotFoundError, match=r"out of range: integers count the 4 top-level layers"):
+        tl.LayerCut(at=4).resolve(LAYERS)
     with pytest.raises(tl.CutError):
         tl.LayerCut(at="fc", drop_last=1)
     with pytest.raises(tl.CutError, match="every layer"):
         tl.LayerCut(drop_last=4).resolve(LAYERS)
+    for bad in (True, 1.0, ["fc"]):
+        with pytest.raises(tl.CutError, match="layer name or an int"):
+            tl.LayerCut(at=bad)
+
+
+def test_integers_count_top_level_layers_so_at_minus_n_plus_1_is_drop_last_n():
+    for n in range(3):
+        assert tl.LayerCut(at=-(n + 1) - 1).resolve(LAYERS) == tl.LayerCut(drop_last=n + 1).resolve(LAYERS)
+    assert tl.LayerCut(at=1).resolve(LAYERS) == "layer1"  # not "layer1.0", the 2nd entry of the dotted list
+    assert tl.FreezePolicy.up_to(-2).resolve(TENSORS, LAYERS).mask == tl.FreezePolicy.up_to("layer2").resolve(
+        TENSORS, LAYERS).mask
+
+
+def test_a_cut_keeps_the_children_of_a_container_it_keeps():
+    from tlcore.cut import kept_layers
+    assert kept_layers(LAYERS, "layer1") == ["stem", "layer1", "layer1.0", "layer1.1"]
+    assert kept_layers(LAYERS, "layer1.0") == ["stem", "layer1", "layer1.0"]
+    assert kept_layers(LAYERS, None) == LAYERS
 
 
 def test_policy_all_freezes_the_base_never_the_head_and_keeps_rng_and_buffers_honest():
@@ -73,9 +91,57 @@ def test_policy_errors():
 def test_head_specs():
     assert [n for n, _ in tl.Head.mlp(hidden=(4, 3), num_classes=2).layers()] == ["pool", "fc0", "act0", "fc1", "act1", "out"]
     assert tl.Head.from_dict(tl.Head.mlp(hidden=(4,), num_classes=2, dropout=0.5).to_dict()).dropout == 0.5
-    for bad in (dict(num_classes=0), dict(num_classes=2, activation="swish2"), dict(num_classes=2, pool="max")):
+    assert tl.Head.linear(np.int64(3)).num_classes == 3 and type(tl.Head.linear(np.int64(3)).num_classes) is int
+    for bad in (dict(num_classes=0), dict(num_classes=True), dict(num_classes=2.0), dict(num_classes=2, hidden="8"),
+                dict(num_classes=2, activation="swish2"), dict(num_classes=2, pool="max"), dict(num_classes=2, dropout=1)):
         with pytest.raises(tl.HeadError):
             tl.Head(**bad)
+
+
+def test_head_plan_pools_by_layout_and_initial_values_depend_on_seed_and_shape_only():
+    from tlcore.head import HeadPlan, initial_values, plan_head
+    spec = tl.Head.mlp(hidden=(4,), num_classes=2)
+    assert plan_head(spec, (16, 5, 5), channels_last=False).width == 16
+    assert plan_head(spec, (5, 5, 16), channels_last=True).width == 16
+    assert plan_head(spec, (7, 32), channels_last=False).width == 32  # tokens x dims: the dims
+    assert plan_head(spec, (None, None, 8), channels_last=True).width == 8
+    assert plan_head(tl.Head.linear(2, pool="flatten"), (None, None, 8), channels_last=True) is None
+    assert plan_head(tl.Head.linear(2, pool="flatten"), (2, 3, 8), channels_last=True).width == 48
+    a = initial_values(HeadPlan(spec, 16, (16, 5, 5)), seed=3)
+    b = initial_values(HeadPlan(spec, 16), seed=3)  # the same width from a checkpoint: the same values
+    assert a.keys() == {"fc0.weight", "fc0.bias", "out.weight", "out.bias"}
+    assert all(np.array_equal(a[k], b[k]) and a[k].dtype == np.float32 for k in a)
+    assert a["fc0.weight"].shape == (4, 16) and np.abs(a["fc0.weight"]).max() <= 0.25
+    assert not np.array_equal(a["out.weight"], initial_values(HeadPlan(spec, 16), seed=4)["out.weight"])
+
+
+def test_bad_optimizer_values_are_refused_at_construction():
+    for make in (lambda: tl.optim.SGD(lr=0.0), lambda: tl.optim.Adam(lr=-1e-3),
+                 lambda: tl.optim.AdamW(lr=1e-3, weight_decay=-0.1), lambda: tl.optim.RMSprop(lr=float("nan")),
+                 lambda: tl.optim.SGD(lr=0.1, nesterov=True)):
+        with pytest.raises(tl.OptimizerConfigError):
+            make()
+
+
+def test_unknown_backend_lists_installed_ones_and_unknown_objects_are_refused():
+    with pytest.raises(tl.BackendNotFoundError) as info:
+        tl.wrap(object(), backend="mxnet")
+    for name in tl.available_backends():
+        assert repr(name) in str(info.value)
+    with pytest.raises(tl.UnsupportedModelError, match="no backend recognises"):
+        tl.wrap({"not": "a model"})
+
+
+def test_input_shapes_and_seeds_are_checked():
+    from tlcore.data import check_input_shape, check_seed
+    assert check_input_shape((3, None, np.int64(8))) == (3, None, 8)
+    for bad in ("32x32", (0, 4), (3.0, 4), (True,), 5):
+        with pytest.raises(tl.DataError, match="input_shape"):
+            check_input_shape(bad)
+    assert check_seed(np.uint32(7)) == 7
+    for bad in (-1, 1.5, "x", True, 2**32):
+        with pytest.raises(tl.DataError, match="seed"):
+            check_seed(bad)
 
 
 def test_optimizer_specs_round_trip_and_validate():
@@ -106,7 +172,7 @@ def test_numpy_metrics_match_definitions():
 
 
 def test_snapshot_and_assert_frozen_on_plain_dicts():
-    class Fake:  # the check only needs state() and trainable_mask()
+    class Fake:  # assert_frozen only needs state() and trainable_mask()
         def __init__(self, state):
             self._s = state
 

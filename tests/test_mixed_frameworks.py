@@ -5,11 +5,11 @@ With PyTorch's default (CUDA) wheel, which CI installs, ``import tensorflow`` fo
 segmentation fault: Triton's LLVM binds to TensorFlow's (see ``tlcore/native_libs.py``). Each case
 runs in its own interpreter, because the crash depends on what a process loaded first.
 """
+import importlib.util
 import itertools
 import os
 import subprocess
 import sys
-import importlib.util
 
 import pytest
 
@@ -60,6 +60,15 @@ def test_checkpoint_loaded_on_keras_then_a_torch_fit(tmp_path):
 @pytest.mark.skipif(not {"torch", "keras"} <= set(BACKENDS), reason="needs the torch and keras backends")
 def test_tensorflow_imported_by_the_user_before_the_torch_backend():
     assert_ok(run(FIT + "import tensorflow\nfit('torch')\nimport torchvision\nprint('OK')"))
+
+
+@pytest.mark.skipif(not {"torch", "keras"} <= set(BACKENDS), reason="needs the torch and keras backends")
+def test_users_own_torch_code_after_the_keras_backend_and_no_cost_before():
+    code = ("import sys, tlcore as tl\ntl.get_backend('keras')\n"
+            "assert 'triton' not in sys.modules and 'torch' not in sys.modules, 'a keras process loads no torch part'\n"
+            "import torch\nw = torch.nn.Parameter(torch.ones(2))\nopt = torch.optim.Adam([w])\n"
+            "w.sum().backward(); opt.step()\nprint('OK')")
+    assert_ok(run(code))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None or importlib.util.find_spec("tensorflow") is None,

@@ -8,7 +8,8 @@ import pytest
 import tlcore as tl
 from tlcore import checkpoint
 from tlcore.datasets import digits
-from tlcore.testing import selected_backends
+from tlcore.workflow import fit_state_dict
+from tlcore.testing import example_shape, selected_backends
 from tlcore.zoo import UnknownArchitectureError, UnknownPretrainedError
 from tlcore.zoo.archs import layer_names
 
@@ -22,7 +23,7 @@ PAIRS = list(itertools.combinations(selected_backends(), 2))
 
 
 def inputs(model, n=6, seed=0):
-    return np.random.default_rng(seed).uniform(-1, 1, size=(n, *model.input_shape)).astype(np.float32)
+    return np.random.default_rng(seed).uniform(-1, 1, size=(n, *example_shape(model))).astype(np.float32)
 
 
 @pytest.mark.parametrize("arch", list(SMALL))
@@ -30,6 +31,9 @@ def test_zoo_layers_and_canonical_state(backend, arch):
     m = tl.zoo.create(arch, backend=backend, **SMALL[arch])
     assert m.layers == layer_names(arch, m.meta["config"])
     assert m.predict(inputs(m)).shape == (6, 3)
+    if arch in ("small_cnn", "resnet18"):  # convolutional zoo models take any image size, as torchvision's
+        assert m.input_shape == (None, None, 3)
+        assert m.predict(np.zeros((2, 40, 48, 3), np.float32)).shape == (2, 3)
     reference = tl.zoo.create(arch, backend=selected_backends()[0], **SMALL[arch]).state()
     assert {k: v.shape for k, v in m.state().items()} == {k: v.shape for k, v in reference.items()}
 
@@ -74,7 +78,7 @@ def test_save_on_one_backend_load_on_every_backend_and_finetune_keeps_frozen_bit
         assert "head.out.weight" in ft.state()
 
 
-@pytest.mark.parametrize("pair", PAIRS + [(n, n) for n in selected_backends()], ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("pair", PAIRS + [p[::-1] for p in PAIRS], ids=lambda p: "-".join(p))
 def test_finetuned_checkpoint_restores_cut_head_and_policy_on_another_backend(tmp_path, pair):
     src, dst = pair
     base = tl.zoo.create("small_cnn", backend=src, **SMALL["small_cnn"])
@@ -118,7 +122,7 @@ def test_real_torchvision_resnet18_weights_load():
     torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed here")
     net = torchvision.models.resnet18(num_classes=10)
     m = tl.zoo.create("resnet18", backend="torch", num_classes=10, input_size=64)
-    m.load_state(checkpoint.fit_state_dict(m, {k: v.numpy() for k, v in net.state_dict().items()}))
+    m.load_state(fit_state_dict(m, {k: v.numpy() for k, v in net.state_dict().items()}))
     net.eval()
     x = inputs(m, n=2)
     import torch
@@ -152,6 +156,12 @@ def test_pretraining_script_reproduces_a_loadable_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
+def test_vit_refuses_another_image_size_naming_image_size(backend):
+    m = tl.zoo.create("vit_tiny", backend=backend, **SMALL["vit_tiny"])
+    with pytest.raises(tl.DataError, match=r"image_size=8.*tl.zoo.create\('vit_tiny', image_size=\.\.\.\)"):
+        m.predict(np.zeros((1, 16, 16, 3), np.float32))
+
+
 def test_unknown_zoo_names_and_tags():
     with pytest.raises(UnknownArchitectureError, match="did you mean 'resnet18'"):
         tl.zoo.create("resnet81")

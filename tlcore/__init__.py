@@ -24,8 +24,8 @@ _EXPORTS = {
     "ZooError": "errors",
     "Snapshot": "check", "assert_frozen": "check", "changed_tensors": "check", "snapshot": "check",
     "LayerCut": "cut", "FreezePolicy": "freeze", "Head": "head", "HeadError": "head",
-    "finetune": "workflow", "wrap": "workflow", "load": "checkpoint",
-    "FeatureCacheRefused": "model", "History": "model", "Model": "model", "Summary": "model",
+    "finetune": "workflow", "wrap": "workflow", "load": "workflow",
+    "FeatureCacheRefused": "model", "HeadNotBuiltError": "model", "History": "model", "Model": "model", "Summary": "model",
     "available_backends": "registry", "get_backend": "registry",
 }
 _SUBMODULES = ("optim", "zoo", "testing", "datasets", "checkpoint", "data")
@@ -51,13 +51,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import optim, zoo  # noqa: F401
     from .check import Snapshot, assert_frozen, changed_tensors, snapshot  # noqa: F401
-    from .checkpoint import load  # noqa: F401
     from .cut import LayerCut  # noqa: F401
     from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError,  # noqa: F401
                          FreezePolicyError, FrozenWeightsChanged, LayerNotFoundError, OptimizerConfigError,
                          TlcoreError, UnsupportedModelError, ZooError)
-    from .workflow import finetune, wrap  # noqa: F401
+    from .workflow import finetune, load, wrap  # noqa: F401
     from .freeze import FreezePolicy  # noqa: F401
     from .head import Head, HeadError  # noqa: F401
-    from .model import FeatureCacheRefused, History, Model, Summary  # noqa: F401
+    from .model import FeatureCacheRefused, HeadNotBuiltError, History, Model, Summary  # noqa: F401
     from .registry import available_backends, get_backend  # noqa: F401

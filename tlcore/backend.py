@@ -1,18 +1,31 @@
-"""What a backend implements: :class:`Backend` (one per framework) and, in ``model.py``, the
-:class:`tlcore.model.Model` primitives.
+"""The whole backend contract in one place: :class:`Backend` (one per framework), the
+:class:`ModelPrimitives` a backend's :class:`tlcore.Model` subclass implements, and :class:`Trainer`
+(one prepared training step).
+
+Everything that is the same on every backend lives in the core (``tlcore.model``, ``tlcore.workflow``):
+checking inputs, resolving freeze policies and cuts, planning heads and drawing their initial values,
+reusing trainers, the epoch loop, feature caching, metrics, summaries and checkpoints. A backend
+translates those decisions into its framework, through the abstract methods below; every one of them
+is called by a core code path, so none is optional.
 
 Example:
-    >>> import tlcore as tl
-    >>> tl.get_backend("torch").name      # doctest: +SKIP
-    'torch'
+    >>> from tlcore.backend import Backend, ModelPrimitives, Trainer
+    >>> sorted(ModelPrimitives.__abstractmethods__)[:4]
+    ['_apply_freeze', '_attach_head', '_cut', '_feature_shape']
 """
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 if TYPE_CHECKING:
+    from .freeze import Resolved, TensorInfo
+    from .head import HeadPlan
     from .model import Model
+    from .optim import TrainSpec
 
 
 class Backend(abc.ABC):
@@ -25,26 +38,160 @@ class Backend(abc.ABC):
         """True when ``obj`` is a model this backend can wrap."""
 
     @abc.abstractmethod
-    def wrap(self, native: Any, input_shape: tuple[int, ...] | None = None) -> Model:
-        """Wrap a native model as a :class:`Model`."""
+    def wrap(self, native: Any, input_shape: tuple[int | None, ...] | None = None) -> Model:
+        """Wrap a native model as a :class:`Model` (sharing it, not copying it)."""
 
     @abc.abstractmethod
     def versions(self) -> dict[str, str]:
         """Versions of the framework packages, for checkpoints and benchmark reports."""
 
     @abc.abstractmethod
-    def reference_model(self, seed: int = 0) -> Model:
-        """The conformance suite's reference network, built natively and wrapped.
+    def reference_model(self, seed: int = 0, variant: str = "sequential") -> Model:
+        """A conformance-suite network, built natively and wrapped, on 8x8 RGB images in the
+        backend's own layout. Tensor names start with their layer's name.
 
-        Layers, in order: ``conv1`` (3->8, 3x3, same), ``bn1``, ``relu1``, ``conv2`` (8->16, 3x3,
-        same), ``bn2``, ``relu2``, ``pool`` (global average), ``dropout`` (0.25), ``fc`` (16->4), on
-        8x8 RGB images in the backend's own layout. Tensor names start with their layer's name.
+        ``"sequential"``: layers ``conv1`` (3->8, 3x3, same), ``bn1``, ``relu1``, ``conv2`` (8->16,
+        3x3, same), ``bn2``, ``relu2``, ``pool`` (global average), ``dropout`` (0.25), ``fc`` (16->4),
+        in the framework's sequential container.
+
+        ``"custom"``: the framework's own way of writing a model by hand (a subclassed
+        ``nn.Module``/``keras.Model``/``nnx.Module``, not a sequential container) with layers
+        ``conv1``, ``bnact1`` (a custom layer doing BatchNorm + ReLU that reads the training flag
+        itself, as timm's ``BatchNormAct2d``), ``conv2``, ``bnact2``, ``pool``, ``fc`` (16->4).
         """
 
+    @abc.abstractmethod
     def zoo_model(self, name: str, config: dict) -> Model:
         """Build zoo architecture ``name`` natively (see ``tlcore.zoo.archs``), with canonical state:
         PyTorch's tensor names and layouts, NHWC numpy input. Initial values do not matter: the zoo
         overwrites them."""
-        from .errors import ZooError
 
-        raise ZooError(f"backend {self.name!r} has no zoo")
+
+class Trainer(abc.ABC):
+    """One prepared (compiled, where the framework compiles) training step for a fixed trainable set
+    and optimizer spec. The core keeps trainers per model and reuses them across fits (:meth:`reset`)."""
+
+    #: how many times the step was compiled (traced) since the last reset; 0 where nothing compiles
+    compilations: int = 0
+
+    @abc.abstractmethod
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+        """Train on one batch; return (summed loss, number correct) as framework scalars."""
+
+    def epoch(self, x: np.ndarray, y: np.ndarray, batches: list, on_step: Callable[[int], Any] = lambda n: None
+              ) -> list[tuple[Any, Any]]:
+        """Train on ``x[b], y[b]`` for each ``b`` of ``batches`` in turn, calling ``on_step(steps
+        done)``; return each step's (summed loss, number correct). A trainer may run the whole
+        epoch in one compiled call instead."""
+        outs = []
+        for b in batches:
+            outs.append(self.step(x[b], y[b]))
+            on_step(1)
+        return outs
+
+    @abc.abstractmethod
+    def reset(self, seed: int) -> None:
+        """Start a new ``fit`` from the model's current weights: fresh optimizer state, random layers
+        reseeded from ``seed``, ``compilations`` back to 0."""
+
+    def finish(self) -> None:
+        """Called after the last step of a ``fit`` (e.g. to write state back); may be called twice."""
+
+    @abc.abstractmethod
+    def optimizer_state_bytes(self) -> int:
+        """Bytes held by the optimizer's state (moments, counters)."""
+
+
+class ModelPrimitives(abc.ABC):
+    """What a backend's :class:`tlcore.Model` subclass implements (the ``_``-prefixed methods).
+
+    Conventions: ``x`` is a numpy batch in the model's own input layout; a *name* is a tlcore name
+    (layers and tensors, dotted); ``state`` arrays are numpy copies.
+    """
+
+    #: the per-sample layout of the features a head receives: channels last (NHWC) or first (NCHW)
+    channels_last: ClassVar[bool] = True
+
+    @property
+    @abc.abstractmethod
+    def native(self) -> Any:
+        """The framework object itself (``nn.Module``, ``keras.Model``, ``nnx.Module``)."""
+
+    # ---- structure and state
+    @abc.abstractmethod
+    def _layer_names(self) -> list[str]:
+        """Cut points in forward order; a container comes before its (dotted) children."""
+
+    @abc.abstractmethod
+    def _layer_kinds(self) -> dict[str, str]:
+        """``{layer: class name}`` for the summary."""
+
+    @abc.abstractmethod
+    def _tensor_infos(self) -> list[TensorInfo]:
+        """Every tensor of the state, in forward order, with its owning layer and kind."""
+
+    @abc.abstractmethod
+    def _read_state(self) -> dict[str, np.ndarray]:
+        """Every tensor as a numpy array (copies)."""
+
+    @abc.abstractmethod
+    def _write_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Overwrite the named tensors (names, shapes and dtypes already checked by the core)."""
+
+    @abc.abstractmethod
+    def _apply_freeze(self, resolved: Resolved) -> None:
+        """Make the native model train exactly ``resolved.mask``'s tensors, with the BatchNorm layers
+        of ``resolved.frozen_bn_units`` in inference mode while training."""
+
+    def _verify_native(self) -> None:
+        """Called at the start of every ``fit``: raise a named error if the native model was changed
+        behind tlcore's back (e.g. its trainable flags) so that it no longer matches the mask."""
+
+    # ---- inference
+    @abc.abstractmethod
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """Inference-mode outputs for one batch; changes no state."""
+
+    @abc.abstractmethod
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        """Inference-mode input of the head (what :meth:`_head_model` takes) for one batch."""
+
+    @abc.abstractmethod
+    def _head_model(self) -> Model:
+        """The attached head as a :class:`Model` sharing its weights with this one; it takes the
+        output of :meth:`_features`. The core calls this once per structure and caches it."""
+
+    @abc.abstractmethod
+    def _stochastic_layers(self) -> list[str]:
+        """Layers that are random while training (dropout with a rate > 0, noise); feature caching
+        is refused when one of them is before the head."""
+
+    def _output_shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple]:
+        """``{layer: per-sample output shape}`` for per-sample ``input_shape``, for the summary;
+        layers a backend cannot tell are left out."""
+        return {}
+
+    # ---- training
+    @abc.abstractmethod
+    def _make_trainer(self, spec: TrainSpec) -> Trainer:
+        """A new training step for the current policy and ``spec``, ready for a fit seeded by
+        ``spec.seed`` (the core reuses it for later fits with the same spec and policy)."""
+
+    # ---- structure changes
+    @abc.abstractmethod
+    def _cut(self, last: str | None, layers: list[str]) -> Model:
+        """A new model with its own copy of the weights, computing this one's output at layer ``last``
+        (None: the whole model); ``layers`` are the cut points it keeps (see ``tlcore.cut.kept_layers``)."""
+
+    @abc.abstractmethod
+    def _feature_shape(self, x: np.ndarray | None) -> tuple[int | None, ...] | None:
+        """Per-sample shape of this model's output (what a head appended now would receive), computed
+        on the batch ``x``; with ``x=None``, without data where possible (a known input shape, or a
+        width known statically), else None: the head then waits for the first batch."""
+
+    @abc.abstractmethod
+    def _attach_head(self, plan: HeadPlan, name: str, values: dict[str, np.ndarray]) -> None:
+        """Append the head of ``plan`` as layer ``name`` to this model, in place, with the initial
+        ``values`` (``{"out.weight": ...}``, PyTorch's layout). Its tensors are named
+        ``<name>.<layer>.weight`` / ``.bias`` (canonical, on every backend) and its layers after
+        ``plan.spec.layers()``."""

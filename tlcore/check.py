@@ -26,9 +26,11 @@ class Snapshot(dict):
 
 
 def snapshot(model: Model) -> Snapshot:
-    """Copy every tensor of ``model.state()`` (weights and non-trainable state) to numpy."""
-    snap = Snapshot({k: np.array(v, copy=True) for k, v in model.state().items()})
-    snap.mask = dict(model.trainable_mask())
+    """Copy every tensor of ``model.state()`` (weights and non-trainable state) to numpy. A head that
+    waits for its first batch has no tensors yet: the snapshot holds the rest (all a head leaves frozen)."""
+    state, mask = model._state_and_mask()
+    snap = Snapshot({k: np.array(v, copy=True) for k, v in state.items()})
+    snap.mask = dict(mask)
     return snap
 
 

@@ -1,14 +1,19 @@
-"""Portable checkpoints: safetensors tensors plus JSON metadata in the same file; no pickle.
+"""The checkpoint file format, and nothing else: safetensors tensors plus a JSON record in the same
+file; no pickle. It knows no models (``Model.save`` and ``tl.load`` in ``tlcore.workflow`` build the
+record and rebuild a model from it).
 
-A checkpoint holds ``Model.state()`` (canonical names and PyTorch layouts for zoo models, so it loads
-on any backend) and, in the safetensors header, a JSON record: architecture and config, the cut and
-head steps that ``tl.finetune`` applied, the freeze policy, the backend and framework versions, and a
-SHA-256 of the tensor data. Saves are atomic: a temporary file in the same folder is written,
-fsynced and renamed over the target, so a crash mid-save leaves the previous file intact.
+The record (in the safetensors header, key ``tlcore``) holds what the writer puts in it plus the
+format name, its version and a SHA-256 of the tensor data, checked on every read. Writes are atomic:
+a temporary file in the same folder is written, fsynced and renamed over the target, so a crash
+mid-save leaves the previous file intact.
 
 Example:
-    >>> ft.save("digits59.safetensors")                      # doctest: +SKIP
-    >>> again = tl.load("digits59.safetensors", backend="jax")  # doctest: +SKIP
+    >>> import tempfile, numpy as np
+    >>> path = tempfile.mkdtemp() + "/w.safetensors"
+    >>> _ = write(path, {"w": np.ones((2, 2), np.float32)}, {"note": "hi"})
+    >>> tensors, meta = read(path)
+    >>> tensors["w"].shape, meta["note"], meta["format"]
+    ((2, 2), 'hi', 'tlcore-checkpoint')
 """
 from __future__ import annotations
 
@@ -17,14 +22,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import CheckpointError
-
-if TYPE_CHECKING:
-    from .model import Model
 
 FORMAT = "tlcore-checkpoint"
 VERSION = 1
@@ -84,22 +86,14 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save(model: Model, path: str | os.PathLike) -> Path:
-    """Save ``model`` (weights, non-trainable state and how it was built) to ``path``."""
+def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    """Write ``tensors`` and the JSON record ``meta`` (with ``format``, ``version`` and the SHA-256 of
+    the tensors added) to ``path``, atomically."""
     from safetensors.numpy import save as st_save
 
-    from .registry import get_backend
-
-    tensors = {k: contiguous(v) for k, v in model.state().items()}
-    meta = {
-        "format": FORMAT, "version": VERSION, "backend": model.backend,
-        "versions": get_backend(model.backend).versions(),
-        "arch": model.meta.get("arch"), "config": model.meta.get("config"),
-        "pretrained": model.meta.get("pretrained"), "steps": model.meta.get("steps", []),
-        "policy": model.policy.to_dict(), "input_shape": model.input_shape,
-        "layers": model.layers, "trainable": model.trainable_mask(), "sha256": digest(tensors),
-    }
-    write_atomic(path, st_save(tensors, metadata={"tlcore": json.dumps(meta)}))
+    tensors = {k: contiguous(v) for k, v in tensors.items()}
+    record = {"format": FORMAT, "version": VERSION, **meta, "sha256": digest(tensors)}
+    write_atomic(path, st_save(tensors, metadata={"tlcore": json.dumps(record)}))
     return Path(path)
 
 
@@ -178,54 +172,3 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return st_load(raw)
     except SafetensorError as e:
         raise CheckpointCorruptedError(f"{str(path)!r} is truncated or corrupted: {e}") from None
-
-
-def fit_state_dict(model: Model, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``arrays`` restricted to what ``model`` holds, ignoring PyTorch's BatchNorm counters;
-    raises :class:`CheckpointMismatchError` listing every missing, unexpected or misshapen tensor."""
-    current = model.state()
-    counter = lambda k: k.endswith("num_batches_tracked")  # noqa: E731  (PyTorch-only BatchNorm counters)
-    arrays = {k: v for k, v in arrays.items() if k in current or not counter(k)}
-    problems = [f"missing {k!r} (model shape {current[k].shape})" for k in current if k not in arrays and not counter(k)]
-    problems += [f"unexpected {k!r} (checkpoint shape {arrays[k].shape})" for k in arrays if k not in current]
-    problems += [f"{k}: checkpoint {arrays[k].shape} vs model {current[k].shape}"
-                 for k in current if k in arrays and arrays[k].shape != current[k].shape]
-    if problems:
-        raise CheckpointMismatchError(
-            f"the weights do not fit this {model.meta.get('arch') or 'model'} ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(problems[:50]))
-    return {k: arrays[k] for k in current if k in arrays}
-
-
-def load(path: str | os.PathLike, backend: str | None = None, model: Any = None) -> Model:
-    """Restore a saved model on ``backend`` (default: the one it was saved from).
-
-    Zoo models (fine-tuned ones included: cut, head and policy are replayed) load on any backend.
-    A wrapped native model is rebuilt from ``model``, the same native architecture, on its backend.
-    Nothing is returned unless every tensor fits.
-
-    Raises:
-        tl.CheckpointError (and its subclasses): missing, corrupted, foreign or mismatched files.
-    """
-    from .cut import LayerCut
-    from .workflow import finetune, wrap
-    from .freeze import FreezePolicy
-    from .head import Head
-    from .zoo import _build
-
-    tensors, meta = read(path)
-    if model is not None:
-        base = wrap(model, backend=backend)
-    elif meta.get("arch"):
-        base = _build(meta["arch"], backend or meta["backend"], meta["config"])
-        base.meta["pretrained"] = meta.get("pretrained")
-    else:
-        raise CheckpointError(f"{str(path)!r} holds a wrapped {meta['backend']} model that is not from the zoo; "
-                              f"pass the same architecture as tl.load(path, model=<native {meta['backend']} model>)")
-    for step in meta.get("steps", []):
-        base = finetune(base, cut=LayerCut(at=step["cut"]) if step["cut"] else None,
-                        head=Head.from_dict(step["head"]) if step["head"] else None,
-                        freeze=FreezePolicy.none(), input_shape=meta.get("input_shape"))
-    base.load_state(fit_state_dict(base, tensors))
-    base.freeze(FreezePolicy.from_dict(meta["policy"]))
-    return base

@@ -1,19 +1,25 @@
-"""Where to cut a network: :class:`LayerCut`.
+"""Where to cut a network: :class:`LayerCut`, and which cut points a cut model keeps.
 
-A cut keeps the layers of ``Model.layers`` up to and including one of them and drops the rest.
+``Model.layers`` lists every cut point in forward order; a container (``layer1``) comes before its
+children (``layer1.0``, ``layer1.1``), and a cut at a container keeps all of it. The rule for
+numbers is the frameworks' own (``list(module.children())``, Keras' ``model.layers``): **an integer
+counts top-level layers**, everywhere tlcore takes one (``LayerCut(at=i)``, ``FreezePolicy.up_to(i)``),
+so ``LayerCut(at=-(n + 1))`` and ``LayerCut(drop_last=n)`` are the same cut. To cut inside a
+container, name the layer (``LayerCut(at="layer3.0")``).
 
 Example:
     >>> from tlcore import LayerCut
     >>> layers = ["conv1", "bn1", "layer1", "layer1.0", "layer1.1", "fc"]
-    >>> LayerCut(at="layer1").resolve(layers)
-    'layer1'
-    >>> LayerCut(drop_last=1).resolve(layers)
-    'layer1'
+    >>> LayerCut(at="layer1").resolve(layers), LayerCut(drop_last=1).resolve(layers), LayerCut(at=-2).resolve(layers)
+    ('layer1', 'layer1', 'layer1')
     >>> LayerCut().resolve(layers) is None
     True
+    >>> kept_layers(layers, "layer1.0")
+    ['conv1', 'bn1', 'layer1', 'layer1.0']
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,13 +31,44 @@ def top_level(layers: Sequence[str]) -> list[str]:
     return [name for name in layers if "." not in name]
 
 
+def in_layer(name: str, layer: str) -> bool:
+    """True when ``name`` is ``layer`` itself or nested in it (``layer3.1`` is in ``layer3``).
+
+    Example:
+        >>> in_layer("layer3.1", "layer3"), in_layer("layer30", "layer3")
+        (True, False)
+    """
+    return name == layer or name.startswith(layer + ".")
+
+
+def top_level_layer(layers: Sequence[str], index: int, what: str = "layer index") -> str:
+    """The top-level layer at ``index`` (negative counts from the end), or a LayerNotFoundError
+    listing them."""
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+        raise LayerNotFoundError(f"{what} must be a layer name or an int, got {index!r}")
+    tops = top_level(layers)
+    if not -len(tops) <= index < len(tops):
+        raise LayerNotFoundError(f"{what} {index} is out of range: integers count the {len(tops)} top-level "
+                                 f"layers ({-len(tops)} to {len(tops) - 1}): {tops}. Name a layer to reach "
+                                 "inside a container")
+    return tops[int(index)]
+
+
+def kept_layers(layers: Sequence[str], last: str | None) -> list[str]:
+    """The cut points a cut after ``last`` keeps: every layer up to ``last`` and everything nested in
+    it (a container keeps its children); None keeps all."""
+    layers = list(layers)
+    if last is None:
+        return layers
+    i = layers.index(last)
+    return layers[: i + 1] + [name for name in layers[i + 1:] if in_layer(name, last)]
+
+
 @dataclass(frozen=True)
 class LayerCut:
-    """Keep layers up to and including ``at`` (a name or an index into ``Model.layers``),
-    or drop the last ``drop_last`` top-level layers; with neither, keep everything.
-
-    Dotted names (``"layer3.1"``) cut inside a sequential container: the container keeps its
-    children up to that one.
+    """Keep layers up to and including ``at`` (a name in ``Model.layers``, or an int counting
+    top-level layers), or drop the last ``drop_last`` top-level layers; with neither, keep
+    everything. Dotted names (``"layer3.1"``) cut inside a container.
     """
 
     at: str | int | None = None
@@ -40,9 +77,10 @@ class LayerCut:
     def __post_init__(self) -> None:
         if self.at is not None and self.drop_last is not None:
             raise CutError("LayerCut takes `at` or `drop_last`, not both")
-        if self.at is not None and not isinstance(self.at, (str, int)):
-            raise CutError(f"LayerCut(at=...) must be a layer name or an index, got {type(self.at).__name__}")
-        if self.drop_last is not None and (not isinstance(self.drop_last, int) or self.drop_last < 0):
+        if self.at is not None and (isinstance(self.at, bool) or not isinstance(self.at, (str, numbers.Integral))):
+            raise CutError(f"LayerCut(at=...) must be a layer name or an int, got {type(self.at).__name__}")
+        if self.drop_last is not None and (isinstance(self.drop_last, bool)
+                                           or not isinstance(self.drop_last, numbers.Integral) or self.drop_last < 0):
             raise CutError(f"LayerCut(drop_last=...) must be an int >= 0, got {self.drop_last!r}")
 
     def resolve(self, layers: Sequence[str]) -> str | None:
@@ -57,12 +95,8 @@ class LayerCut:
             if self.at not in layers:
                 raise LayerNotFoundError(unknown_name_message("layer", self.at, layers))
             return self.at
-        if isinstance(self.at, int):
-            if not -len(layers) <= self.at < len(layers):
-                raise LayerNotFoundError(
-                    f"layer index {self.at} is out of range for a model with {len(layers)} layers "
-                    f"(valid: {-len(layers)} to {len(layers) - 1})")
-            return layers[self.at]
+        if self.at is not None:
+            return top_level_layer(layers, self.at, "LayerCut(at=...)")
         if self.drop_last:
             tops = top_level(layers)
             if self.drop_last >= len(tops):

@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -18,8 +19,49 @@ import numpy as np
 from .errors import DataError
 
 
-def as_inputs(x, input_shape: Sequence[int] | None = None, name: str = "x") -> np.ndarray:
-    """``x`` as a float32 array, checked: not empty, finite, and of the model's per-sample shape."""
+#: seeds are taken in [0, 2**32), which every framework's generator accepts
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int in ``[0, 2**32)``, else a :class:`DataError` (numpy ints are accepted).
+
+    Example:
+        >>> check_seed(np.int64(3))
+        3
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise DataError(f"{name} must be an int in [0, 2**32), got {seed!r}")
+    return int(seed)
+
+
+def check_input_shape(shape, name: str = "input_shape") -> tuple[int | None, ...] | None:
+    """A per-sample input shape as a tuple of ints >= 1 (None for a size that may vary), or None.
+
+    Example:
+        >>> check_input_shape([3, None, None])
+        (3, None, None)
+    """
+    if shape is None:
+        return None
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise DataError(f"{name} must be a tuple of sizes per sample (no batch), e.g. (32, 32, 3); got {shape!r}")
+    out = []
+    for d in shape:
+        if d is not None and (isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1):
+            raise DataError(f"{name} sizes must be ints >= 1 (or None where they vary), got {tuple(shape)!r}")
+        out.append(None if d is None else int(d))
+    return tuple(out)
+
+
+def fully_known(shape) -> bool:
+    """True when ``shape`` is a shape with every size known."""
+    return shape is not None and all(d is not None for d in shape)
+
+
+def as_inputs(x, input_shape: Sequence[int] | None = None, name: str = "x", hint: str = "") -> np.ndarray:
+    """``x`` as a float32 array, checked: not empty, finite, and of the model's per-sample shape
+    (``hint`` is added to a shape error, e.g. the zoo option that sets it)."""
     try:
         arr = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError) as e:
@@ -32,7 +74,8 @@ def as_inputs(x, input_shape: Sequence[int] | None = None, name: str = "x") -> n
             raise DataError(f"{name} has {arr.ndim} dimensions (shape {arr.shape}); the model takes "
                             f"{len(expected)}: (batch, {', '.join(map(str, input_shape))})")
         if any(e is not None and e != a for e, a in zip(expected[1:], arr.shape[1:])):
-            raise DataError(f"{name} has per-sample shape {arr.shape[1:]}; the model takes {tuple(input_shape)}")
+            raise DataError(f"{name} has per-sample shape {arr.shape[1:]}; the model takes {tuple(input_shape)}"
+                            + (f" ({hint})" if hint else ""))
     if not np.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
         # a finite sum proves every value finite without a mask of the whole array (4x faster); an
         # infinite one may be an overflow of finite values, so the exact check decides

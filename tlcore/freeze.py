@@ -24,6 +24,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .cut import in_layer, top_level_layer
 from .errors import FreezePolicyError, LayerNotFoundError, unknown_name_message
 
 #: Tensor kinds a backend reports. ``param``: trainable weight; ``bn_param``/``bn_stat``: BatchNorm
@@ -82,11 +83,6 @@ def owning_layer(path: str, layers: set[str]) -> str:
     return ""
 
 
-def in_layer(name: str, layer: str) -> bool:
-    """True when ``name`` is ``layer`` itself or nested in it (``layer3.1`` is in ``layer3``)."""
-    return name == layer or name.startswith(layer + ".")
-
-
 @dataclass(frozen=True)
 class FreezePolicy:
     """Which tensors of the kept (non-head) part of a model to freeze.
@@ -103,7 +99,7 @@ class FreezePolicy:
             raise FreezePolicyError(unknown_name_message("freeze mode", self.mode, MODES))
         if self.bn not in BN_MODES:
             raise FreezePolicyError(f"bn must be 'frozen' or 'train', got {self.bn!r}")
-        if self.mode == "up_to" and not isinstance(self.target, (str, int)):
+        if self.mode == "up_to" and (isinstance(self.target, bool) or not isinstance(self.target, (str, int))):
             raise FreezePolicyError("FreezePolicy.up_to needs a layer name or index")
         if self.mode == "matching":
             if not isinstance(self.target, str) or not self.target:
@@ -125,7 +121,8 @@ class FreezePolicy:
 
     @classmethod
     def up_to(cls, layer: str | int, bn: str = "frozen") -> FreezePolicy:
-        """Freeze layers from the input up to and including ``layer`` (a name or an index)."""
+        """Freeze layers from the input up to and including ``layer`` (a name, or an int counting
+        top-level layers as ``LayerCut`` does)."""
         return cls("up_to", layer, bn)
 
     @classmethod
@@ -181,10 +178,8 @@ class FreezePolicy:
         return order.get(t.layer, len(layers)) <= last or in_layer(t.layer, layers[last])
 
     def _up_to_index(self, layers: list[str]) -> int:
-        if isinstance(self.target, int):
-            if not -len(layers) <= self.target < len(layers):
-                raise LayerNotFoundError(f"layer index {self.target} is out of range for {len(layers)} layers")
-            return self.target % len(layers)
+        if not isinstance(self.target, str):
+            return layers.index(top_level_layer(layers, self.target, "FreezePolicy.up_to"))
         if self.target not in layers:
             raise LayerNotFoundError(unknown_name_message("layer", self.target, layers))
         return layers.index(self.target)

@@ -1,8 +1,14 @@
-"""Framework-neutral head specs: what to attach after the cut.
+"""Framework-neutral head specs, and the head plan every backend builds from.
 
-A head pools 4-D features (``pool="avg"``: global average; ``"flatten"``), then runs its hidden
-dense layers (activation, optional dropout) and a final dense layer with ``num_classes`` outputs.
-Backends build it and size it from the cut model's output.
+A head pools the features it receives (``pool="avg"``: the mean over every axis but the channels,
+i.e. global average pooling of images and the mean over the tokens of a sequence; ``"flatten"``),
+then runs its hidden dense layers (activation, optional dropout) and a final dense layer with
+``num_classes`` outputs.
+
+The core plans the head (:func:`plan_head`: the width after pooling, the dense tensors' names and
+shapes in PyTorch's layout) and draws its initial values in numpy from ``seed`` and the tensor names
+(:func:`initial_values`), so the same head starts from the same weights on every backend, whenever
+it is built. Backends only build the layers and write those values.
 
 Example:
     >>> from tlcore import Head
@@ -10,10 +16,18 @@ Example:
     [('pool', 'pool'), ('out', 'dense')]
     >>> [n for n, _ in Head.mlp(hidden=(64,), num_classes=5, dropout=0.1).layers()]
     ['pool', 'fc0', 'act0', 'drop0', 'out']
+    >>> plan = plan_head(Head.mlp(hidden=(8,), num_classes=3), feature_shape=(4, 4, 16), channels_last=True)
+    >>> plan.width, plan.tensor_shapes()
+    (16, {'fc0.weight': (8, 16), 'fc0.bias': (8,), 'out.weight': (3, 8), 'out.bias': (3,)})
 """
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import TlcoreError
 
@@ -22,7 +36,13 @@ POOLS = ("avg", "flatten")
 
 
 class HeadError(TlcoreError, ValueError):
-    """A head spec has an invalid value."""
+    """A head spec has an invalid value, or cannot be sized from the features it receives."""
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise HeadError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -36,12 +56,14 @@ class Head:
     pool: str = "avg"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise HeadError(f"num_classes must be an int >= 1, got {self.num_classes!r}")
-        if any(not isinstance(h, int) or h < 1 for h in self.hidden):
-            raise HeadError(f"hidden sizes must be ints >= 1, got {self.hidden!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise HeadError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "num_classes", _positive_int("num_classes", self.num_classes))
+        if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Sequence):
+            raise HeadError(f"hidden must be a sequence of ints >= 1, got {self.hidden!r}")
+        object.__setattr__(self, "hidden", tuple(_positive_int("hidden sizes", h) for h in self.hidden))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise HeadError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
         if self.activation not in ACTIVATIONS:
             raise HeadError(f"unknown activation {self.activation!r}; valid: {ACTIVATIONS}")
         if self.pool not in POOLS:
@@ -53,11 +75,10 @@ class Head:
         return cls(num_classes=num_classes, pool=pool)
 
     @classmethod
-    def mlp(cls, hidden: tuple[int, ...] | list[int] = (128,), *, num_classes: int, dropout: float = 0.0,
+    def mlp(cls, hidden: Sequence[int] = (128,), *, num_classes: int, dropout: float = 0.0,
             activation: str = "relu", pool: str = "avg") -> Head:
         """Hidden dense layers with ``activation`` (and dropout), then the output layer."""
-        return cls(num_classes=num_classes, hidden=tuple(hidden), dropout=float(dropout),
-                   activation=activation, pool=pool)
+        return cls(num_classes=num_classes, hidden=hidden, dropout=dropout, activation=activation, pool=pool)
 
     def layers(self) -> list[tuple[str, str]]:
         """``(name, kind)`` of each layer in order; kinds: pool, dense, activation, dropout.
@@ -77,6 +98,83 @@ class Head:
 
     @classmethod
     def from_dict(cls, d: dict) -> Head:
-        return cls(num_classes=int(d["num_classes"]), hidden=tuple(d.get("hidden", ())),
-                   dropout=float(d.get("dropout", 0.0)), activation=d.get("activation", "relu"),
-                   pool=d.get("pool", "avg"))
+        return cls(num_classes=d["num_classes"], hidden=tuple(d.get("hidden", ())),
+                   dropout=d.get("dropout", 0.0), activation=d.get("activation", "relu"), pool=d.get("pool", "avg"))
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """A head sized for its features: ``width`` features per sample after pooling.
+
+    ``feature_shape`` is the per-sample shape of the features the head receives (in the backend's
+    layout; ``None`` when the head was sized from a width alone, e.g. from a checkpoint).
+    """
+
+    spec: Head
+    width: int
+    feature_shape: tuple[int | None, ...] | None = None
+
+    def dense_layers(self) -> list[tuple[str, int, int]]:
+        """``(name, in_features, out_features)`` of each dense layer, in order."""
+        sizes = [self.width, *self.spec.hidden, self.spec.num_classes]
+        names = [f"fc{i}" for i in range(len(self.spec.hidden))] + ["out"]
+        return [(name, sizes[i], sizes[i + 1]) for i, name in enumerate(names)]
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of the head's tensors in PyTorch's layout (``weight`` is (out, in))."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, fan_in, fan_out in self.dense_layers():
+            shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (fan_out, fan_in), (fan_out,)
+        return shapes
+
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s in self.tensor_shapes().values())
+
+
+def pooled_width(feature_shape: Sequence[int | None], pool: str, channels_last: bool) -> int | None:
+    """Features per sample after pooling ``feature_shape`` (per sample), or None when a size it needs
+    is unknown. ``avg`` keeps the channels (axis -1 when ``channels_last`` or for 1-D/2-D shapes such
+    as tokens x dims, else axis 0); ``flatten`` keeps everything.
+
+    Example:
+        >>> pooled_width((512, 7, 7), "avg", channels_last=False), pooled_width((None, None, 64), "avg", True)
+        (512, 64)
+        >>> pooled_width((7, 7, 8), "flatten", True), pooled_width((None, 8), "flatten", True) is None
+        (392, True)
+    """
+    shape = tuple(feature_shape)
+    if not shape:
+        return 1
+    if pool == "flatten" or len(shape) == 1:
+        return None if any(d is None for d in shape) else int(math.prod(shape))
+    channels = shape[-1] if channels_last or len(shape) == 2 else shape[0]
+    return None if channels is None else int(channels)
+
+
+def plan_head(spec: Head, feature_shape: Sequence[int | None], channels_last: bool) -> HeadPlan | None:
+    """The :class:`HeadPlan` of ``spec`` on features of per-sample ``feature_shape``; None when the
+    width cannot be known from it (the head is then built on the first batch)."""
+    width = pooled_width(feature_shape, spec.pool, channels_last)
+    if width is None:
+        return None
+    if width < 1:
+        raise HeadError(f"the features before the head have shape {tuple(feature_shape)}: nothing to pool")
+    return HeadPlan(spec, width, tuple(feature_shape))
+
+
+def initial_values(plan: HeadPlan, seed: int) -> dict[str, np.ndarray]:
+    """The head's initial weights (float32, PyTorch's layout), from ``seed`` and each tensor's name
+    and shape only: as ``nn.Linear``, weights and biases uniform in +-1/sqrt(fan_in).
+
+    Example:
+        >>> plan = HeadPlan(Head.linear(2), width=4)
+        >>> v = initial_values(plan, seed=0)
+        >>> sorted(v), v["out.weight"].shape, bool(np.abs(v["out.weight"]).max() <= 0.5)
+        (['out.bias', 'out.weight'], (2, 4), True)
+        >>> bool((initial_values(plan, seed=0)["out.bias"] == v["out.bias"]).all())
+        True
+    """
+    from .init import init_state
+
+    shapes = {name: np.zeros(shape, np.float32) for name, shape in plan.tensor_shapes().items()}
+    return init_state(shapes, seed)

@@ -1,40 +1,51 @@
-"""The abstract :class:`Model` every backend implements, and :class:`History`.
+"""The :class:`Model` every backend implements, :class:`History` and :class:`Summary`.
 
 The core owns everything that is the same on every backend: checking inputs before any weight is
-touched, resolving freeze policies, the epoch/batch loop, feature caching, evaluation metrics and the
-summary. A backend implements a handful of primitives (the ``_``-prefixed abstract methods).
+touched, resolving freeze policies, building a head when its first batch arrives, reusing trainers,
+the epoch/batch loop, feature caching, evaluation metrics and the summary. A backend implements the
+primitives declared in :mod:`tlcore.backend`.
 
 Example:
     >>> import tlcore as tl                                                    # doctest: +SKIP
-    >>> m = tl.wrap(torch_model)                                               # doctest: +SKIP
+    >>> m = tl.wrap(torchvision.models.resnet18())                             # doctest: +SKIP
     >>> ft = tl.finetune(m, cut=tl.LayerCut(at="layer3"), head=tl.Head.linear(5))  # doctest: +SKIP
     >>> ft.fit(x, y, epochs=3).history["loss"]                                 # doctest: +SKIP
 """
 from __future__ import annotations
 
-import abc
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from . import data
+from .backend import ModelPrimitives, Trainer
+from .cut import in_layer
 from .errors import CheckpointError, TlcoreError
-from .freeze import FreezePolicy, Resolved, TensorInfo, in_layer
-from .head import Head
+from .freeze import FreezePolicy, Resolved, TensorInfo
+from .head import Head, HeadPlan, initial_values, plan_head
 from .optim import Adam, OptimizerSpec, TrainSpec, check_loss
 
 log = logging.getLogger("tlcore")
 
 #: samples per batch of the frozen-feature pass (small CNN, 2 cores: 128 -> 136 ms, 512 -> 159 ms per 512 samples)
 FEATURE_BATCH = 128
+#: trainers (compiled steps) kept per model, least recently used dropped first
+MAX_TRAINERS = 4
+#: tensor kinds that are parameters (the rest is state: BatchNorm statistics, buffers, RNG)
+PARAM_KINDS = ("param", "bn_param")
 
 
 class FeatureCacheRefused(TlcoreError, ValueError):
     """``fit(cache_features=True)`` was asked for but the frozen part is not cacheable."""
+
+
+class HeadNotBuiltError(TlcoreError, RuntimeError):
+    """The head waits for its first batch (its input width is not known yet), so what was asked
+    for (its tensors) does not exist yet."""
 
 
 @dataclass
@@ -57,146 +68,76 @@ class History:
             self.history.setdefault(k, []).append(float(v))
 
 
-class Trainer(abc.ABC):
-    """One prepared (compiled, where the framework compiles) training step."""
-
-    #: how many times the step was compiled (traced) so far; 0 where nothing compiles
-    compilations: int = 0
-
-    @abc.abstractmethod
-    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-        """Train on one batch; return (summed loss, number correct) as framework scalars."""
-
-    def epoch(self, x: np.ndarray, y: np.ndarray, batches: list, on_step: Callable[[int], Any] = lambda n: None
-              ) -> list[tuple[Any, Any]]:
-        """Train on ``x[b], y[b]`` for each ``b`` of ``batches`` in turn, calling ``on_step(steps
-        done)``; return each step's (summed loss, number correct). A trainer may run the whole
-        epoch in one compiled call instead."""
-        outs = []
-        for b in batches:
-            outs.append(self.step(x[b], y[b]))
-            on_step(1)
-        return outs
-
-    def finish(self) -> None:
-        """Called after the last step of a ``fit`` (e.g. to write state back); may be called twice."""
-
-    @abc.abstractmethod
-    def optimizer_state_bytes(self) -> int:
-        """Bytes held by the optimizer's state (moments, counters)."""
-
-
 @dataclass
 class Summary:
-    """What ``Model.summary()`` returns; ``str()`` gives the table."""
+    """What ``Model.summary()`` returns; ``str()`` gives the table. ``total_params`` =
+    ``trainable_params`` + ``non_trainable_params``; ``buffers`` counts the values that are not
+    parameters (BatchNorm statistics, constant buffers)."""
 
-    rows: list[tuple[str, str, str, int, str]]
+    rows: list[tuple[str, str, str, str, str]]
     total_params: int
     trainable_params: int
     non_trainable_params: int
+    buffers: int = 0
     title: str = ""
+    note: str = ""
 
     def __str__(self) -> str:
         head = ("Layer", "Kind", "Output shape", "Params", "Trainable")
-        cells = [head] + [(n, k, s, f"{p:,}", t) for n, k, s, p, t in self.rows]
+        cells = [head] + list(self.rows)
         widths = [max(len(str(r[i])) for r in cells) for i in range(5)]
         line = "-" * (sum(widths) + 8)
-        fmt = lambda r: "  ".join(str(c).ljust(w) if i != 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        fmt = lambda r: "  ".join(str(c).ljust(w) if i != 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
         out = [self.title, line, fmt(head), line] + [fmt(r) for r in cells[1:]] + [line]
         out += [f"Total params: {self.total_params:,}", f"Trainable params: {self.trainable_params:,}",
-                f"Non-trainable params: {self.non_trainable_params:,}"]
+                f"Non-trainable params: {self.non_trainable_params:,}",
+                f"Buffers (BatchNorm statistics and other state): {self.buffers:,}", self.note]
         return "\n".join(x for x in out if x)
 
     __repr__ = __str__
 
 
-class Model(abc.ABC):
+@dataclass(frozen=True)
+class PendingHead:
+    """A head asked for by ``tl.finetune`` whose input width is not known yet."""
+
+    spec: Head
+    name: str
+    seed: int
+
+
+class Model(ModelPrimitives):
     """A network wrapped by a backend: layers to cut at, state to check, fit/predict/evaluate."""
 
     backend: ClassVar[str] = ""
 
-    def __init__(self, *, input_shape: tuple[int, ...] | None = None, head: str | None = None,
-                 head_spec: Head | None = None, policy: FreezePolicy | None = None,
-                 meta: dict | None = None):
-        self.input_shape = tuple(input_shape) if input_shape is not None else None
+    def __init__(self, *, input_shape: tuple[int | None, ...] | None = None, head: str | None = None,
+                 head_spec: Head | None = None, policy: FreezePolicy | None = None, meta: dict | None = None):
+        self.input_shape = data.check_input_shape(input_shape)
         self.head_spec = head_spec
         self.meta: dict[str, Any] = dict(meta or {})
         self._head = head
+        self._pending: PendingHead | None = None
         self._infos: list[TensorInfo] | None = None
         self._loss = "cross_entropy"
         self._resolved: Resolved | None = None
+        self._trainers: OrderedDict[tuple, Trainer] = OrderedDict()
+        self._head_view: Model | None = None
         self.freeze(policy or FreezePolicy.none())
-
-    # ------------------------------------------------------------------ backend primitives
-    @property
-    @abc.abstractmethod
-    def native(self) -> Any:
-        """The framework object itself (``nn.Module``, ``keras.Model``, ``nnx.Module``)."""
-
-    @abc.abstractmethod
-    def _layer_names(self) -> list[str]:
-        """Cut points in forward order; a container comes before its (dotted) children."""
-
-    @abc.abstractmethod
-    def _layer_kinds(self) -> dict[str, str]:
-        """``{layer: class name}`` for the summary."""
-
-    @abc.abstractmethod
-    def _tensor_infos(self) -> list[TensorInfo]:
-        """Every tensor of ``state()``, in forward order."""
-
-    @abc.abstractmethod
-    def _read_state(self) -> dict[str, np.ndarray]:
-        """Every tensor as a numpy array (copies)."""
-
-    @abc.abstractmethod
-    def _write_state(self, arrays: dict[str, np.ndarray]) -> None:
-        """Overwrite the named tensors (names and shapes already checked)."""
-
-    @abc.abstractmethod
-    def _apply_freeze(self, resolved: Resolved) -> None:
-        """Make the native model train exactly ``resolved.mask``'s tensors."""
-
-    @abc.abstractmethod
-    def _forward(self, x: np.ndarray) -> np.ndarray:
-        """Inference-mode outputs for one batch."""
-
-    @abc.abstractmethod
-    def _make_trainer(self, spec: TrainSpec) -> Trainer:
-        """A training step for the current policy and ``spec``."""
-
-    @abc.abstractmethod
-    def _cut(self, last: str | None) -> Model:
-        """A new model (its own copy of the weights) keeping layers up to ``last`` (all if None)."""
-
-    @abc.abstractmethod
-    def _with_head(self, head: Head, name: str, seed: int) -> Model:
-        """A model with ``head`` attached as layer ``name`` (may reuse ``self``, already a copy)."""
-
-    def _output_shapes(self) -> dict[str, tuple]:
-        """``{layer: per-sample output shape}`` when ``input_shape`` is known; optional."""
-        return {}
-
-    def _stochastic_layers(self) -> list[str]:
-        """Layers that are random while training (dropout); used to decide feature caching."""
-        return []
-
-    def _features(self, x: np.ndarray) -> np.ndarray:
-        """Inference-mode output of everything before the head, for one batch."""
-        raise NotImplementedError
-
-    def _head_model(self) -> Model:
-        """The attached head as a :class:`Model` sharing its weights with this one."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ structure and state
     @property
     def layers(self) -> list[str]:
-        """Cut points in forward order (dotted names reach into sequential containers)."""
+        """Cut points in forward order (dotted names reach into containers)."""
         return self._layer_names()
 
     @property
     def tensors(self) -> list[TensorInfo]:
+        """Every tensor of ``state()`` with its owning layer and kind."""
+        self._require_head("tensors")
+        return self._base_tensors()
+
+    def _base_tensors(self) -> list[TensorInfo]:
         if self._infos is None:
             self._infos = self._tensor_infos()
         return self._infos
@@ -204,14 +145,27 @@ class Model(abc.ABC):
     @property
     def head(self) -> str | None:
         """The name of the head layer attached by ``tl.finetune`` (None if there is none)."""
-        return self._head
+        return self._pending.name if self._pending else self._head
+
+    @property
+    def head_built(self) -> bool:
+        """False while the head waits for its first batch (see :meth:`build`)."""
+        return self._pending is None
 
     @property
     def policy(self) -> FreezePolicy:
         return self._resolved.policy
 
+    def _require_head(self, what: str) -> None:
+        if self._pending is not None:
+            raise HeadNotBuiltError(
+                f"cannot give {what}: the head {self._pending.name!r} is built on the first batch that reaches "
+                f"it, because the width of its input is not known without data. Call fit/predict/evaluate, "
+                f"or model.build(x) with a sample batch, or pass input_shape=(...) to tl.finetune")
+
     def state(self) -> dict[str, np.ndarray]:
         """Every tensor: trainable weights and non-trainable state (BatchNorm statistics, counters)."""
+        self._require_head("state()")
         return self._read_state()
 
     def load_state(self, arrays: dict[str, np.ndarray], strict: bool = True) -> Model:
@@ -231,8 +185,13 @@ class Model(abc.ABC):
         self._write_state({k: np.asarray(v, dtype=current[k].dtype) for k, v in arrays.items()})
         return self
 
+    def _state_and_mask(self) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+        """The state and mask of what exists now (without a head that waits for its first batch)."""
+        return self._read_state(), dict(self._resolved.mask)
+
     def trainable_mask(self) -> dict[str, bool]:
         """``{name: can training change it?}`` for every name in ``state()``."""
+        self._require_head("trainable_mask()")
         return dict(self._resolved.mask)
 
     def freeze(self, policy: FreezePolicy) -> Model:
@@ -243,36 +202,97 @@ class Model(abc.ABC):
         """
         if not isinstance(policy, FreezePolicy):
             raise TypeError(f"freeze() takes a tl.FreezePolicy, got {type(policy).__name__}")
-        resolved = policy.resolve(self.tensors, self.layers, head=self._head)
+        resolved = policy.resolve(self._base_tensors(), self.layers, head=self._head)
         self._apply_freeze(resolved)
         self._resolved = resolved
+        self._changed()
         return self
 
     def unfreeze(self) -> Model:
         """Shorthand for ``freeze(FreezePolicy.none())``."""
         return self.freeze(FreezePolicy.none())
 
+    def _changed(self) -> None:
+        """What trains changed: trainers and the cached head view no longer apply."""
+        self._trainers.clear()
+        self._head_view = None
+
     def count_params(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; BatchNorm statistics and buffers are not parameters."""
-        shapes = {k: v.size for k, v in self.state().items()}
-        params = [t for t in self.tensors if t.kind in ("param", "bn_param")]
-        return (sum(shapes[t.name] for t in params if self._resolved.mask[t.name]),
-                sum(shapes[t.name] for t in params))
+        self._require_head("count_params()")
+        return self._param_counts()
+
+    def _param_counts(self) -> tuple[int, int]:
+        sizes = {k: v.size for k, v in self._read_state().items()}
+        params = [t for t in self._base_tensors() if t.kind in PARAM_KINDS]
+        mask = self._resolved.mask
+        return sum(sizes[t.name] for t in params if mask[t.name]), sum(sizes[t.name] for t in params)
+
+    # ------------------------------------------------------------------ the head
+    def _request_head(self, spec: Head, name: str, seed: int) -> None:
+        """Attach ``spec`` as layer ``name`` now if its input width is known, else on the first batch."""
+        self._pending = PendingHead(spec, name, seed)
+        self.head_spec = spec
+        shape = self._feature_shape(None)
+        plan = None if shape is None else plan_head(spec, shape, self.channels_last)
+        if plan is not None:
+            self._build_head(plan)
+        else:
+            log.info("head %r is built on the first batch (feature shape %s)", name, shape)
+
+    def _build_head(self, plan: HeadPlan) -> None:
+        pending = self._pending
+        self._attach_head(plan, pending.name, initial_values(plan, pending.seed))
+        self._pending, self._head, self._infos = None, pending.name, None
+        steps = self.meta.get("steps")
+        if steps and steps[-1].get("head_name") == pending.name:
+            steps[-1]["head_width"] = plan.width
+        self.freeze(self.policy)
+
+    def build(self, x=None, input_shape: tuple[int, ...] | None = None) -> Model:
+        """Build a head that waits for its first batch, from a sample batch ``x`` or a per-sample
+        ``input_shape``; does nothing when the head is built. Returns the model.
+
+        Example:
+            >>> ft = tl.finetune(tl.wrap(resnet), cut=tl.LayerCut(at="layer3"), head=tl.Head.linear(4))  # doctest: +SKIP
+            >>> ft.build(x[:1]).summary()                                                               # doctest: +SKIP
+        """
+        if self._pending is None:
+            return self
+        if x is None:
+            if input_shape is None:
+                raise TypeError("build() takes a sample batch x or a per-sample input_shape")
+            shape = data.check_input_shape(input_shape)
+            if any(d is None for d in shape):
+                raise data.DataError(f"build(input_shape=...) needs every size, got {shape}")
+            x = np.zeros((1, *shape), np.float32)
+        self._ensure_head(data.as_inputs(x, self.input_shape))
+        return self
+
+    def _ensure_head(self, x: np.ndarray) -> None:
+        if self._pending is None:
+            return
+        shape = self._feature_shape(x[:1])
+        plan = plan_head(self._pending.spec, shape, self.channels_last)
+        if plan is None:  # cannot happen for a real batch: every size is known
+            raise data.DataError(f"cannot size the head from features of shape {shape}")
+        self._build_head(plan)
 
     # ------------------------------------------------------------------ inference
     def _num_outputs(self) -> int | None:
         if self.head_spec is not None:
             return self.head_spec.num_classes
-        shapes = self._output_shapes()
+        shapes = self._output_shapes(self.input_shape) if data.fully_known(self.input_shape) else {}
         last = self.layers[-1] if self.layers else None
-        if last in shapes and shapes[last] is not None:
+        if last in shapes and shapes[last] is not None and all(d is not None for d in shapes[last]):
             return int(np.prod(shapes[last]))
         return None
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Inference-mode outputs (logits for classifiers); numpy in, numpy out."""
-        x = data.as_inputs(x, self.input_shape)
+        x = data.as_inputs(x, self.input_shape, hint=self.meta.get("input_hint", ""))
         batch_size = data.check_positive_int("batch_size", batch_size)
+        self._ensure_head(x)
         return self._predict_batches(x, batch_size)
 
     def _predict_batches(self, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -282,7 +302,7 @@ class Model(abc.ABC):
     def evaluate(self, x, y, batch_size: int = 256, loss: str | None = None) -> dict[str, float]:
         """``{"loss": ..., "accuracy": ...}`` (accuracy for classification losses only)."""
         loss = check_loss(loss or self._loss)
-        x = data.as_inputs(x, self.input_shape)
+        x = data.as_inputs(x, self.input_shape, hint=self.meta.get("input_hint", ""))
         y = data.as_targets(y, len(x), loss, self._num_outputs())
         return data.loss_and_metrics(self.predict(x, batch_size), y, loss)
 
@@ -310,18 +330,22 @@ class Model(abc.ABC):
         loss = check_loss(loss)
         epochs = data.check_positive_int("epochs", epochs)
         batch_size = data.check_positive_int("batch_size", batch_size)
+        seed = data.check_seed(seed)
         if clip_grad_norm is not None and not (np.isfinite(clip_grad_norm) and clip_grad_norm > 0):
             raise data.DataError(f"clip_grad_norm must be a finite number > 0 or None, got {clip_grad_norm!r}")
         if cache_features not in ("auto", True, False):
             raise data.DataError(f"cache_features must be 'auto', True or False, got {cache_features!r}")
-        x = data.as_inputs(x, self.input_shape)
+        hint = self.meta.get("input_hint", "")
+        x = data.as_inputs(x, self.input_shape, hint=hint)
         y = data.as_targets(y, len(x), loss, self._num_outputs())
         val = None
         if validation_data is not None:
-            xv = data.as_inputs(validation_data[0], self.input_shape, "validation x")
+            xv = data.as_inputs(validation_data[0], self.input_shape, "validation x", hint=hint)
             val = (xv, data.as_targets(validation_data[1], len(xv), loss, self._num_outputs(), "validation y"))
+        self._ensure_head(x)
+        self._verify_native()
         self._loss = loss
-        spec = TrainSpec(optimizer, loss, clip_grad_norm, int(seed))
+        spec = TrainSpec(optimizer, loss, clip_grad_norm, seed)
 
         refusal = self._cache_refusal() if cache_features else ""
         if cache_features is True and refusal:
@@ -334,11 +358,25 @@ class Model(abc.ABC):
         hist.info["cache_features"] = "off" if not cache_features else f"refused: {refusal}"
         return hist
 
+    def _trainer(self, spec: TrainSpec) -> Trainer:
+        """The trainer for ``spec`` and the current policy: reused (and reset) when a fit with the same
+        spec ran before, else made by the backend; the :data:`MAX_TRAINERS` most recent are kept."""
+        key = replace(spec, seed=0)
+        trainer = self._trainers.pop(key, None)
+        if trainer is None:
+            trainer = self._make_trainer(spec)
+        else:
+            trainer.reset(spec.seed)
+        self._trainers[key] = trainer
+        while len(self._trainers) > MAX_TRAINERS:
+            self._trainers.popitem(last=False)
+        return trainer
+
     def _fit_loop(self, x, y, val, epochs, batch_size, spec, shuffle, progress) -> History:
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
-        trainer = self._make_trainer(spec)
+        trainer = self._trainer(spec)
         rng = np.random.default_rng(spec.seed)
         hist = History()
         steps = -(-len(x) // batch_size)
@@ -353,7 +391,7 @@ class Model(abc.ABC):
                 if val is not None:
                     trainer.finish()
                     metrics.update({f"val_{k}": v for k, v in
-                                    data.loss_and_metrics(self.predict(val[0]), val[1], spec.loss).items()})
+                                    data.loss_and_metrics(self._predict_batches(val[0], 256), val[1], spec.loss).items()})
                 hist.append(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         finally:
@@ -377,17 +415,32 @@ class Model(abc.ABC):
             return f"layers before the head are random while training: {random}"
         return ""
 
+    def head_model(self) -> Model:
+        """The head alone, sharing its weights with this model; it takes :meth:`features`' output."""
+        self._require_head("head_model()")
+        if self._head is None:
+            raise TlcoreError("this model has no head attached by tl.finetune")
+        if self._head_view is None:
+            self._head_view = self._head_model()
+        return self._head_view
+
+    def features(self, x, batch_size: int = FEATURE_BATCH) -> np.ndarray:
+        """The head's input for ``x`` (inference mode): ``head_model().predict(features(x))`` equals
+        ``predict(x)``."""
+        x = data.as_inputs(x, self.input_shape, hint=self.meta.get("input_hint", ""))
+        self._ensure_head(x)
+        return self._batched_features(x, data.check_positive_int("batch_size", batch_size))
+
     def _fit_cached(self, x, y, val, epochs, batch_size, spec, shuffle, progress) -> History:
         t0 = time.perf_counter()
         feats = self._batched_features(x)
-        head = self._head_model()
         head_val = None if val is None else (self._batched_features(val[0]), val[1])
-        hist = head._fit_loop(feats, y, head_val, epochs, batch_size, spec, shuffle, progress)
+        hist = self.head_model()._fit_loop(feats, y, head_val, epochs, batch_size, spec, shuffle, progress)
         hist.info.update(cache_features="used", seconds=time.perf_counter() - t0)
         return hist
 
     def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
-        """The frozen features of ``x``, computed ``batch_size`` samples at a time (a backend may prepare
+        """The head's input for ``x``, computed ``batch_size`` samples at a time (a backend may prepare
         once for all batches)."""
         return np.concatenate([np.asarray(self._features(x[i:i + batch_size]))
                                for i in range(0, len(x), batch_size)])
@@ -396,31 +449,51 @@ class Model(abc.ABC):
     def save(self, path) -> None:
         """Save weights, non-trainable state and how the model was built (safetensors + JSON
         metadata, atomic). Zoo models load on any backend with ``tl.load(path, backend=...)``."""
-        from .checkpoint import save
+        from .workflow import save
 
+        self._require_head("a checkpoint")
         save(self, path)
 
     # ------------------------------------------------------------------ display
-    def summary(self) -> Summary:
-        """Layers with kind, output shape (when ``input_shape`` is known), parameter count and
-        whether they train; totals like Keras' ``model.summary()``. ``print(m.summary())``."""
-        sizes = {k: v.size for k, v in self.state().items()}
-        mask, kinds, shapes = self._resolved.mask, self._layer_kinds(), self._output_shapes()
+    def summary(self, input_shape: tuple[int, ...] | None = None) -> Summary:
+        """Layers with kind, output shape, parameter count and whether they train; totals like
+        Keras' ``model.summary()``. Output shapes are shown for ``input_shape`` (per sample), the
+        model's own, or the zoo's default size. ``print(m.summary())``.
+
+        A head that waits for its first batch is built from ``input_shape`` when given; otherwise its
+        row says "(built on first batch)" and the totals leave it out (and say so).
+        """
+        shape = data.check_input_shape(input_shape) if input_shape is not None else (
+            self.input_shape if data.fully_known(self.input_shape) else data.check_input_shape(
+                self.meta.get("default_input_shape")))
+        if input_shape is not None:
+            self.build(input_shape=shape)
+        state = self._read_state()
+        sizes = {k: v.size for k, v in state.items()}
+        mask, kinds = self._resolved.mask, self._layer_kinds()
+        shapes = self._output_shapes(shape) if data.fully_known(shape) else {}
+        infos = self._base_tensors()
         rows = []
         for layer in self.layers:
-            own = [t for t in self.tensors if in_layer(t.layer, layer) and t.kind in ("param", "bn_param")]
+            own = [t for t in infos if in_layer(t.layer, layer) and t.kind in PARAM_KINDS]
             n = sum(sizes[t.name] for t in own)
             flags = {mask[t.name] for t in own}
             status = "-" if not own else "yes" if flags == {True} else "frozen" if flags == {False} else "partly"
-            shape = shapes.get(layer)
-            indent = "  " * layer.count(".")
-            rows.append((indent + layer, kinds.get(layer, ""), "" if shape is None else str(tuple(shape)), n, status))
-        trainable, total = self.count_params()
-        state_total = sum(sizes.values())
-        return Summary(rows, total, trainable, state_total - trainable,
+            out = shapes.get(layer)
+            rows.append(("  " * layer.count(".") + layer, kinds.get(layer, ""),
+                         "" if out is None else str(tuple(out)), f"{n:,}", status))
+        note = ""
+        if self._pending is not None:
+            rows.append((self._pending.name, "Head", "(built on first batch)", "?", "yes"))
+            note = (f"The head {self._pending.name!r} is not built yet: its parameters are not counted "
+                    "(call build(x) or summary(input_shape=...)).")
+        trainable, total = self._param_counts()
+        buffers = sum(sizes[t.name] for t in infos if t.kind in ("bn_stat", "buffer"))
+        return Summary(rows, total, trainable, total - trainable, buffers, note=note,
                        title=f"{type(self).__name__} (backend={self.backend!r}, policy={self.policy.mode!r})")
 
     def __repr__(self) -> str:
-        trainable, total = self.count_params()
+        trainable, total = self._param_counts()
+        pending = " (head built on first batch)" if self._pending is not None else ""
         return (f"<{type(self).__name__} backend={self.backend!r} layers={len(self.layers)} "
-                f"params={total:,} trainable={trainable:,} head={self._head!r}>")
+                f"params={total:,} trainable={trainable:,} head={self.head!r}{pending}>")

@@ -7,8 +7,12 @@ model?" never imports torch.
 
 Example:
     >>> import tlcore as tl
-    >>> tl.available_backends()          # doctest: +SKIP
-    ['torch', 'keras', 'jax']
+    >>> set(tl.available_backends()) <= {"torch", "keras", "jax"}   # those whose framework is installed
+    True
+    >>> tl.get_backend("mxnet")
+    Traceback (most recent call last):
+    ...
+    tlcore.errors.BackendNotFoundError: unknown backend 'mxnet'...
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -17,6 +18,39 @@ from tlcore.backend import Backend
 
 from .layers import NamedSequential, Pool
 from .model import JaxModel
+
+
+class BatchNormAct(nnx.Module):
+    """BatchNorm then ReLU in one custom module that reads its own ``use_running_average`` flag (the
+    conformance suite's "custom" reference uses it); PyTorch's update rule, momentum 0.1."""
+
+    def __init__(self, features: int):
+        self.scale, self.bias = nnx.Param(jnp.ones((features,))), nnx.Param(jnp.zeros((features,)))
+        self.mean, self.var = nnx.BatchStat(jnp.zeros((features,))), nnx.BatchStat(jnp.ones((features,)))
+        self.use_running_average = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+            n = x.size // x.shape[-1]
+            self.mean.set_value(0.9 * self.mean[...] + 0.1 * jax.lax.stop_gradient(mean))
+            self.var.set_value(0.9 * self.var[...] + 0.1 * jax.lax.stop_gradient(var) * n / (n - 1))
+        return jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...] + self.bias[...])
+
+
+class CustomNet(nnx.Module):
+    """A hand-written module (not a container): ``conv1, bnact1, conv2, bnact2, pool, fc``."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1, self.bnact1 = nnx.Conv(3, 8, (3, 3), padding="SAME", rngs=rngs), BatchNormAct(8)
+        self.conv2, self.bnact2 = nnx.Conv(8, 16, (3, 3), padding="SAME", rngs=rngs), BatchNormAct(16)
+        self.pool, self.fc = Pool("avg"), nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.bnact2(self.conv2(self.bnact1(self.conv1(x))))
+        return self.fc(self.pool(x))
 
 
 class JaxBackend(Backend):
@@ -40,13 +74,15 @@ class JaxBackend(Backend):
 
         return JaxModel(BUILDERS[name](config), canonical=True)
 
-    def reference_model(self, seed: int = 0) -> JaxModel:
+    def reference_model(self, seed: int = 0, variant: str = "sequential") -> JaxModel:
         """The conformance suite's reference network on (8, 8, 3) NHWC images.
 
         BatchNorm uses ``momentum=0.9`` (Flax's convention: the weight of the old statistic), which is
         PyTorch's default ``momentum=0.1``.
         """
         rngs = nnx.Rngs(params=seed, dropout=seed)
+        if variant == "custom":
+            return JaxModel(CustomNet(rngs), input_shape=(8, 8, 3))
         net = NamedSequential(
             conv1=nnx.Conv(3, 8, (3, 3), padding="SAME", rngs=rngs),
             bn1=nnx.BatchNorm(8, momentum=0.9, rngs=rngs),

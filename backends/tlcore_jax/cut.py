@@ -1,14 +1,15 @@
 """Structure of ``nnx.Module``s: cut points (layers), tlcore names of module paths, cutting, and
 appending a head.
 
-Sequential containers (``nnx.Sequential``, :class:`~tlcore_jax.layers.NamedSequential`, and
-:class:`WithHead`, which tlcore builds) run their layers in order, so they can be cut after any layer
-and dotted names reach into nested ones. Any other module is kept whole: its ``__call__`` is
-arbitrary Python, so nothing tells what runs after one of its submodules.
+Sequential containers (``nnx.Sequential``, :class:`~tlcore_jax.layers.NamedSequential`) run their
+layers in order, so a cut inside a chain of them slices them. Any other module is cut by running its
+own ``__call__`` and stopping when the layer to cut at returns (:class:`CutAt`): whatever Python the
+module runs works; the layers after the cut (in definition order) are replaced by :class:`Dropped`.
 
 Names: module paths joined by dots, except that the ``layers`` list of an ``nnx.Sequential`` and the
-``body`` of a :class:`WithHead` are left out, so the children of ``nnx.Sequential(a, b)`` are ``0`` and
-``1`` (as in PyTorch) and a head appended to a module leaves the module's own names unchanged.
+``body`` of :class:`WithHead` and :class:`CutAt` are left out, so the children of
+``nnx.Sequential(a, b)`` are ``0`` and ``1`` (as in PyTorch) and a cut or re-headed module keeps its
+own names.
 
 Example:
     >>> net = nnx.Sequential(nnx.Linear(2, 4, rngs=rngs), nnx.relu, nnx.Linear(4, 2, rngs=rngs))  # doctest: +SKIP
@@ -24,16 +25,13 @@ from flax import nnx
 
 from tlcore.errors import CutError
 
-from .layers import NamedSequential
+from .layers import CanonicalLinear, NamedSequential, Pool
 
 Path = tuple  # a native NNX path: attribute names and list indices
 
 
 class WithHead(nnx.Module):
     """``head(body(x))``: a head appended to a module that is not a sequential container.
-
-    ``body`` is left out of tensor names, so the module keeps its own names and the head's are
-    ``<head_name>.<...>``.
 
     Example:
         >>> model = WithHead(my_module, "head", head)   # doctest: +SKIP
@@ -52,8 +50,89 @@ class WithHead(nnx.Module):
         return getattr(self, self._head_name)(self.body(x))
 
 
+class _Captured(BaseException):
+    """Ends a forward pass at the cut layer (a BaseException: a model's ``except Exception`` cannot
+    swallow it)."""
+
+    def __init__(self, value: Any):
+        super().__init__()
+        self.value = value
+
+
+class _Capture:
+    """Stands in for the cut layer during one call of :class:`CutAt`; raises with its output."""
+
+    def __init__(self, layer: Callable, call: int):
+        self.layer, self.call, self.calls = layer, call, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.layer(*args, **kwargs)
+        self.calls += 1
+        if self.calls == self.call:
+            raise _Captured(out)
+        return out
+
+
+class CutAt(nnx.Module):
+    """``body`` run by its own ``__call__`` until its layer at native path ``target`` returns for the
+    ``call``-th time; that output is this module's.
+
+    Example:
+        >>> cut = CutAt(my_cnn, ("bn2",))   # doctest: +SKIP
+    """
+
+    def __init__(self, body: nnx.Module, target: Path, call: int = 1):
+        self.body = body
+        self._target, self._call = tuple(target), int(call)
+
+    def __call__(self, x: Any) -> Any:
+        parent = get_path(self.body, self._target[:-1])
+        seg = self._target[-1]
+        layer = get_path(parent, (seg,))
+        capture = _Capture(layer, self._call)
+        set_path(parent, seg, capture)
+        try:
+            self.body(x)
+        except _Captured as captured:
+            return captured.value
+        finally:
+            set_path(parent, seg, layer)
+        raise CutError(f"the cut layer {'.'.join(map(str, self._target))!r} ran {capture.calls} time(s) in "
+                       f"{type(self.body).__name__}.__call__, so its output could not be taken")
+
+
+class Dropped(nnx.Module):
+    """Stands for a layer a cut removed; a forward pass never reaches it (it stops at the cut)."""
+
+    def __init__(self, name: str, cut: str):
+        self._name, self._cut = name, cut
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise CutError(f"layer {self._name!r} was removed by the cut at {self._cut!r}, but the module calls it "
+                       f"before {self._cut!r} returns: cut at a layer that runs after {self._name!r}")
+
+
+WRAPPERS = (WithHead, CutAt)
+
+
+def get_path(node: Any, path: Path) -> Any:
+    """The object at native ``path`` below ``node`` (attributes, list indices, dict keys)."""
+    for seg in path:
+        node = node[seg] if isinstance(seg, int) or isinstance(node, (dict, list, tuple, nnx.List, nnx.Dict)) \
+            else getattr(node, seg)
+    return node
+
+
+def set_path(parent: Any, seg: Any, value: Any) -> None:
+    """Set ``parent``'s attribute or item ``seg`` to ``value``."""
+    if isinstance(seg, int) or isinstance(parent, (dict, list, nnx.List, nnx.Dict)):
+        parent[seg] = value
+    else:
+        setattr(parent, seg, value)
+
+
 def is_sequential(obj: object) -> bool:
-    """True for the containers tlcore can cut: ``nnx.Sequential`` and ``NamedSequential``."""
+    """True for the containers tlcore slices: ``nnx.Sequential`` and ``NamedSequential``."""
     return isinstance(obj, (nnx.Sequential, NamedSequential))
 
 
@@ -68,13 +147,15 @@ def sequence(module: object) -> list[tuple[str, Path, Any]] | None:
 
 def _children(module: object) -> list[tuple[str, Path, Any]]:
     """Direct sublayers for listing: a container's layers, a list's or dict's items, or a module's
-    submodules in definition order."""
+    submodules in definition order; a wrapper's body stands in its place."""
     seq = sequence(module)
     if seq is not None:
         return seq
-    if isinstance(module, WithHead):
-        return ([(n, ("body", *p), c) for n, p, c in _children(module.body)]
-                + [(module.head_name, (module.head_name,), getattr(module, module.head_name))])
+    if isinstance(module, WRAPPERS):
+        inner = [(n, ("body", *p), c) for n, p, c in _children(module.body)]
+        if isinstance(module, WithHead):
+            inner.append((module.head_name, (module.head_name,), getattr(module, module.head_name)))
+        return inner
     if isinstance(module, nnx.List):
         return [(str(i), (i,), c) for i, c in enumerate(module) if isinstance(c, nnx.Module)]
     if isinstance(module, nnx.Dict):
@@ -116,7 +197,7 @@ def elided_paths(module: nnx.Module) -> frozenset[Path]:
     for path, node in nnx.iter_graph(module):
         if isinstance(node, nnx.Sequential):
             elided.add(tuple(path) + ("layers",))
-        elif isinstance(node, WithHead):
+        elif isinstance(node, WRAPPERS):
             elided.add(tuple(path) + ("body",))
     return frozenset(elided)
 
@@ -134,49 +215,46 @@ def layer_kind(obj: object) -> str:
     return getattr(obj, "__name__", type(obj).__name__)
 
 
-def cut_points_message(module: nnx.Module) -> str:
-    return (f"{type(module).__name__} is not a sequential container, so tlcore cannot know what its "
-            "__call__ does after one of its submodules. Cut points exist only inside nnx.Sequential and "
-            "tlcore_jax.NamedSequential containers (after any of their layers; dotted names such as "
-            "'block1.conv' reach nested ones), and this model's root is neither. Keep the whole model "
-            "(LayerCut()), or build it as tlcore_jax.NamedSequential(conv1=..., bn1=..., ...) or "
-            "nnx.Sequential(...) so that its layers run in sequence and can be cut")
+# ---------------------------------------------------------------------------- cutting
+class _NotSequential(Exception):
+    pass
 
 
-def cut_module(module: nnx.Module, last: str | None) -> nnx.Module:
-    """``module`` (not copied) up to and including layer ``last``; None keeps it whole.
-
-    Raises:
-        CutError: ``last`` lies inside a module that is not a sequential container.
-    """
-    if last is None:
-        return module
+def _slice(module: object, last: str) -> nnx.Module:
+    """``module`` up to layer ``last`` when every container on the way is sequential (or the head of a
+    :class:`WithHead`), else :class:`_NotSequential`."""
     top, _, rest = last.partition(".")
-    if isinstance(module, WithHead):
-        if top != module.head_name:
-            raise CutError(f"cannot cut at {last!r}: " + cut_points_message(module.body))
+    if isinstance(module, WithHead) and top == module.head_name:
         head = getattr(module, top)
-        return WithHead(module.body, top, _cut_child(head, rest, last) if rest else head)
+        return WithHead(module.body, top, _slice(head, rest) if rest else head)
     seq = sequence(module)
-    if seq is None:
-        raise CutError(f"cannot cut at {last!r}: " + cut_points_message(module))
+    if seq is None or top not in [n for n, _, _ in seq]:
+        raise _NotSequential
     kept = []
     for name, _, layer in seq:
         if name == top:
-            kept.append((name, _cut_child(layer, rest, last) if rest else layer))
+            kept.append((name, _slice(layer, rest) if rest else layer))
             break
         kept.append((name, layer))
-    else:
-        raise CutError(f"{type(module).__name__} has no layer {top!r}; layers: {[n for n, _, _ in seq]}")
     if isinstance(module, nnx.Sequential):
         return nnx.Sequential(*[layer for _, layer in kept])
     return NamedSequential(kept)
 
 
-def _cut_child(child: object, rest: str, last: str) -> nnx.Module:
-    if sequence(child) is None and not isinstance(child, WithHead):
-        raise CutError(f"cannot cut at {last!r}: " + cut_points_message(child))
-    return cut_module(child, rest)
+def cut_module(module: nnx.Module, last: str | None, dropped: list[str] = ()) -> nnx.Module:
+    """``module`` (not copied; changed in place) computing the output of its layer ``last`` (None keeps
+    it whole): sliced containers where possible, else a :class:`CutAt` whose layers ``dropped``
+    (those after the cut) are replaced by :class:`Dropped`."""
+    if last is None:
+        return module
+    try:
+        return _slice(module, last)
+    except _NotSequential:
+        pass
+    paths = {name: path for name, path, _ in layer_entries(module)}
+    for name in dropped:
+        set_path(get_path(module, paths[name][:-1]), paths[name][-1], Dropped(name, last))
+    return CutAt(module, paths[last])
 
 
 def append_head(module: nnx.Module, name: str, head: nnx.Module) -> nnx.Module:
@@ -184,10 +262,19 @@ def append_head(module: nnx.Module, name: str, head: nnx.Module) -> nnx.Module:
     seq = sequence(module)
     if seq is not None:
         return NamedSequential([(n, layer) for n, _, layer in seq] + [(name, head)])
-    if isinstance(module, WithHead) or not hasattr(module, name):
-        return WithHead(module, name, head)
-    raise CutError(f"cannot attach a head named {name!r}: {type(module).__name__} already has an attribute "
-                   "of that name")
+    return WithHead(module, name, head)
+
+
+def static_width(last: object, after: object) -> int | None:
+    """The features' width when a global average pool (``last``) feeds a dense layer (``after``, or
+    its first leaf layer): that layer's ``in_features``."""
+    while True:
+        children = _children(after) if isinstance(after, nnx.Module) else []
+        if not children:
+            break
+        after = children[0][2]
+    pooled = isinstance(last, Pool) and last.mode == "avg"
+    return after.in_features if pooled and isinstance(after, (nnx.Linear, CanonicalLinear)) else None
 
 
 def run_until(module: nnx.Module, stop: str) -> Callable[[Any], Any]:
@@ -210,7 +297,8 @@ def run_until(module: nnx.Module, stop: str) -> Callable[[Any], Any]:
 
 def trace_shapes(module: object, x: Any, prefix: str, shapes: dict[str, tuple]) -> Any:
     """Run ``module`` on ``x`` (abstractly, under ``jax.eval_shape``) and record each layer's
-    per-sample output shape in ``shapes``; returns the output."""
+    per-sample output shape in ``shapes``; returns the output. Inside a module that is not a
+    sequential container only the module's own output is recorded."""
     if isinstance(module, WithHead):
         x = trace_shapes(module.body, x, prefix, shapes)
         head = getattr(module, module.head_name)

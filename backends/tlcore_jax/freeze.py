@@ -42,12 +42,21 @@ class Layout:
         return {t.name: t.kind for t in self.infos}
 
 
+def is_batchnorm(module: object) -> bool:
+    """A BatchNorm layer: Flax's, tlcore's, or any module that owns ``nnx.BatchStat`` variables (a
+    custom normalisation layer keeps its running statistics in them)."""
+    if isinstance(module, BATCHNORM):
+        return True
+    return isinstance(module, nnx.Module) and any(isinstance(v, nnx.BatchStat) for v in vars(module).values())
+
+
 def variable_kind(var: nnx.Variable, owner: object) -> str:
-    """``rng`` for RNG keys/counters; ``bn_param``/``bn_stat`` inside a BatchNorm; ``param`` for other
-    ``nnx.Param``s; ``buffer`` for any other variable (constant while training)."""
+    """``rng`` for RNG keys/counters; ``bn_param``/``bn_stat`` inside a BatchNorm (see
+    :func:`is_batchnorm`); ``param`` for other ``nnx.Param``s; ``buffer`` for any other variable
+    (constant while training)."""
     if isinstance(var, nnx.RngState):
         return "rng"
-    if isinstance(owner, BATCHNORM):
+    if is_batchnorm(owner):
         return "bn_param" if isinstance(var, nnx.Param) else "bn_stat" if isinstance(var, nnx.BatchStat) else "buffer"
     return "param" if isinstance(var, nnx.Param) else "buffer"
 

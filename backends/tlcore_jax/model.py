@@ -17,15 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tlcore.backend import Trainer
+from tlcore.cut import in_layer
 from tlcore.errors import CutError
 from tlcore.freeze import Resolved, TensorInfo
-from tlcore.head import Head
-from tlcore.model import FEATURE_BATCH, Model, Trainer
+from tlcore.head import HeadPlan
+from tlcore.model import FEATURE_BATCH, Model
 from tlcore.optim import TrainSpec
 
-from .cut import _children, append_head, cut_module, trace_shapes
+from .cut import _children, append_head, cut_module, layer_entries, static_width, trace_shapes
 from .freeze import Layout, Partition, layout, partition, set_modes, stochastic_modules
-from .head import build_head, pooled_width
+from .head import build_head
 from .layers import CanonicalConv, CanonicalLinear
 from .train import JaxTrainer, _infer, infer_batches
 
@@ -63,8 +65,8 @@ class JaxModel(Model):
         rng_prefix: the name of ``module`` inside a larger model whose RNG streams it shares (a head
             trained on cached features), so that its dropout keys are that model's.
         layer_order: the layers of the model this one was cut from, whose order it keeps.
-        canonical: the module's variables have PyTorch's names and layouts (zoo models); a head
-            attached to it gets them too.
+        canonical: the module's variables have PyTorch's names and layouts (zoo models; an attached
+            head always has them).
         **kwargs: ``input_shape``, ``head``, ``head_spec``, ``policy``, ``meta`` (see ``tlcore.Model``).
 
     Example:
@@ -76,10 +78,11 @@ class JaxModel(Model):
     backend = "jax"
 
     def __init__(self, module: nnx.Module, *, rng_prefix: str = "", layer_order: list[str] | None = None,
-                 canonical: bool = False, **kwargs: Any):
+                 canonical: bool = False, static_width: int | None = None, **kwargs: Any):
         if not isinstance(module, nnx.Module):
             raise TypeError(f"JaxModel wraps a flax.nnx.Module, got {type(module).__name__}")
         self._module = module
+        self._static_width = static_width
         self._layout: Layout | None = None
         self._partition: Partition | None = None
         self.rng_prefix = rng_prefix
@@ -144,40 +147,47 @@ class JaxModel(Model):
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
         return JaxTrainer(self, spec, self._partition, self._prepared)
 
+    def _verify_native(self) -> None:
+        self._variables()  # the module's structure still matches its layout
+
     def _stochastic_layers(self) -> list[str]:
         names = {p: n for n, p in self.layout.module_path.items()}
         return [names[p] for p, _ in stochastic_modules(self._module) if p in names]
 
     # ---------------------------------------------------------------- structure
-    def _cut(self, last: str | None) -> JaxModel:
-        module = cut_module(nnx.clone(self._module), last)
+    def _cut(self, last: str | None, layers: list[str]) -> JaxModel:
+        module = nnx.clone(self._module)
+        width = None
+        if last is not None:
+            dropped = [n for n in self.layers if n not in layers]
+            dropped = [n for n in dropped if not any(in_layer(n, d) and n != d for d in dropped)]
+            entries = {name: obj for name, _, obj in layer_entries(self._module)}
+            width = static_width(entries[last], entries[dropped[0]]) if dropped else None
+        module = cut_module(module, last, dropped if last is not None else [])
         return JaxModel(module, input_shape=self.input_shape, meta=self.meta, rng_prefix=self.rng_prefix,
-                        layer_order=self.layers, canonical=self.canonical)
+                        layer_order=self.layers, canonical=self.canonical, static_width=width)
 
-    def _abstract_input(self) -> jax.ShapeDtypeStruct:
-        if self.input_shape is None or None in self.input_shape:
-            raise CutError(f"cannot size the head: the input shape is unknown ({self.input_shape}); pass "
-                           "input_shape=(H, W, C) (per sample, no batch; the module's own layout) to "
-                           "tl.finetune or tl.wrap")
-        return jax.ShapeDtypeStruct((2, *self.input_shape), jnp.float32)
+    def _feature_shape(self, x: np.ndarray | None) -> tuple | None:
+        if x is None:
+            if self.input_shape is None or None in self.input_shape:
+                return None if self._static_width is None else (self._static_width,)
+            x = np.zeros((1, *self.input_shape), np.float32)
+        out = jax.eval_shape(_infer, self._module, jax.ShapeDtypeStruct((1, *x.shape[1:]), jnp.asarray(x[:1]).dtype))
+        return tuple(out.shape[1:])
 
-    def _with_head(self, head: Head, name: str, seed: int) -> JaxModel:
-        features = jax.eval_shape(_infer, self._module, self._abstract_input())
-        head_module = build_head(head, pooled_width(tuple(features.shape), head.pool), seed, self.canonical)
-        module = append_head(self._module, name, head_module)
-        return JaxModel(module, input_shape=self.input_shape, head=name, head_spec=head, meta=self.meta,
-                        rng_prefix=self.rng_prefix, layer_order=self.layers, canonical=self.canonical)
+    def _attach_head(self, plan: HeadPlan, name: str, values: dict[str, np.ndarray]) -> None:
+        self._module = append_head(self._module, name, build_head(plan, values))
+        self._layer_order = self.layers
+        self._layout = None
 
-    def _output_shapes(self) -> dict[str, tuple]:
-        if self.input_shape is None or None in self.input_shape:
-            return {}
+    def _output_shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple]:
         shapes: dict[str, tuple] = {}
 
         def run(module: nnx.Module, x: jax.Array) -> Any:
             set_modes(module, training=False)
             return trace_shapes(module, x, "", shapes)
 
-        jax.eval_shape(run, self._module, self._abstract_input())
+        jax.eval_shape(run, self._module, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
         return shapes
 
     # ---------------------------------------------------------------- feature caching
@@ -189,5 +199,5 @@ class JaxModel(Model):
 
     def _head_model(self) -> JaxModel:
         head = getattr(self._module, self._head)
-        return JaxModel(head, input_shape=None, head_spec=self.head_spec, canonical=self.canonical,
+        return JaxModel(head, input_shape=None, head_spec=self.head_spec, canonical=True,
                         rng_prefix=f"{self.rng_prefix}{self._head}.")

@@ -30,8 +30,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tlcore.backend import Trainer
 from tlcore.errors import TlcoreError
-from tlcore.model import Trainer
 from tlcore.optim import OptimizerSpec, TrainSpec
 
 from .cut import Path, run_until
@@ -276,6 +276,7 @@ class JaxTrainer(Trainer):
 
     def __init__(self, model: JaxModel, spec: TrainSpec, part: Partition, cache: dict):
         self.module = model.native
+        self.streams, self.rng_prefix = model.layout.rng_streams, model.rng_prefix
         self.spec = spec
         treedef = jax.tree.structure(self.module)
         self.cfg = StepConfig(spec.optimizer, spec.loss, spec.clip_grad_norm, part.frozen_bn)
@@ -288,7 +289,11 @@ class JaxTrainer(Trainer):
         if key not in cache:
             cache[key] = compiled_step(self.split, self.cfg)
         self.compiled = cache[key]
-        reseed(self.module, model.layout.rng_streams, spec.seed, model.rng_prefix)
+        self.reset(spec.seed)
+
+    def reset(self, seed: int) -> None:
+        """Start from the module's current values: reseeded RNG streams, fresh optimizer state."""
+        reseed(self.module, self.streams, seed, self.rng_prefix)
         leaves = jax.tree.leaves(self.module)
         self.trainable, self.mutable, self.const = ([leaves[i] for i in idx] for idx in
                                                     (self.split.trainable, self.split.mutable, self.split.const))

@@ -7,6 +7,45 @@ from ._keras import keras, tf
 from .model import KerasModel
 
 
+@keras.saving.register_keras_serializable(package="tlcore")
+class BatchNormAct(keras.layers.Layer):
+    """BatchNormalization then ReLU in one custom layer that passes ``training`` on itself (the
+    conformance suite's "custom" reference uses it)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn")
+
+    def build(self, input_shape):
+        self.bn.build(input_shape)
+
+    def call(self, x, training=None):
+        return keras.ops.relu(self.bn(x, training=training))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+class CustomNet(keras.Model):
+    """A subclassed model: ``conv1, bnact1, conv2, bnact2, pool, fc``."""
+
+    def __init__(self, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        init = keras.initializers
+        self.conv1 = keras.layers.Conv2D(8, 3, padding="same", name="conv1",
+                                         kernel_initializer=init.HeUniform(seed=seed))
+        self.bnact1 = BatchNormAct(name="bnact1")
+        self.conv2 = keras.layers.Conv2D(16, 3, padding="same", name="conv2",
+                                         kernel_initializer=init.HeUniform(seed=seed + 1))
+        self.bnact2 = BatchNormAct(name="bnact2")
+        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
+        self.fc = keras.layers.Dense(4, name="fc", kernel_initializer=init.GlorotUniform(seed=seed + 2))
+
+    def call(self, x, training=None):
+        x = self.bnact2(self.conv2(self.bnact1(self.conv1(x), training=training)), training=training)
+        return self.fc(self.pool(x))
+
+
 class KerasBackend(Backend):
     """Wraps any Keras 3 ``keras.Model``; inputs use Keras' layout (NHWC images).
 
@@ -27,7 +66,9 @@ class KerasBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"keras": keras.__version__, "tensorflow": tf.__version__}
 
-    def reference_model(self, seed: int = 0) -> KerasModel:
+    def reference_model(self, seed: int = 0, variant: str = "sequential") -> KerasModel:
+        if variant == "custom":
+            return KerasModel(CustomNet(seed, name="custom"), input_shape=(8, 8, 3))
         layers = keras.layers
         init = keras.initializers
         seeds = iter(range(seed * 1000, seed * 1000 + 100))

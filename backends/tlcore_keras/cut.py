@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from tlcore.errors import CutError, UnsupportedModelError
 
-from ._keras import Functional, InputLayer, Sequential, keras, tf
+from ._keras import Functional, InputLayer, Sequential, graph_nodes, keras, run_through_graph, tf, tracked_layers
 
 Layer = keras.layers.Layer
 
@@ -35,7 +35,7 @@ def children(layer: Layer) -> list[Layer]:
     tracked sub-layers in creation order."""
     if is_graph(layer):
         return [child for child in layer.layers if not isinstance(child, InputLayer)]
-    return [child for child in getattr(layer, "_layers", []) if not isinstance(child, InputLayer)]
+    return [child for child in tracked_layers(layer) if not isinstance(child, InputLayer)]
 
 
 def layer_paths(model: keras.Model, order: list[Layer] | None = None, prefix: str = "") -> list[str]:
@@ -76,17 +76,9 @@ def input_shape_of(model: keras.Model) -> tuple | None:
     return tuple(inputs[0].shape[1:])
 
 
-def _nodes_in(graph: Layer, layer: Layer) -> list:
-    """The calls (nodes) of ``layer`` that belong to the graph model ``graph``."""
-    if isinstance(graph, Sequential):
-        graph = graph._functional
-    keys = graph._nodes
-    return [n for i, n in enumerate(layer._inbound_nodes) if f"{id(layer)}_ib-{i}" in keys]
-
-
 def output_in(graph: Layer, layer: Layer):
     """The symbolic output of ``layer`` inside ``graph`` (one call, one output), else a CutError."""
-    nodes = _nodes_in(graph, layer)
+    nodes = graph_nodes(graph, layer)
     if len(nodes) != 1:
         raise CutError(f"layer {layer.name!r} is called {len(nodes)} times in {graph.name!r}, so its output "
                        "is ambiguous; cut at a layer that is called once")
@@ -226,7 +218,7 @@ def cut_graph(model: keras.Model, last: str) -> keras.Model:
     upto = keras.Model(model.inputs, out)
     inner = cut_graph(child, rest)
     inputs = [keras.Input(batch_shape=x.shape, dtype=x.dtype) for x in model.inputs]
-    outputs = upto._run_through_graph(inputs, operation_fn=lambda op: inner if op is child else op)
+    outputs = run_through_graph(upto, inputs, lambda op: inner if op is child else op)
     return keras.Model(single(inputs), outputs, name=model.name)
 
 
@@ -249,4 +241,4 @@ def append_head(model: keras.Model, head: keras.Model) -> keras.Model:
 
 def head_input(model: keras.Model, head: Layer):
     """The symbolic input of the head layer (the last layer) of a graph model."""
-    return _nodes_in(model, head)[0].input_tensors[0]
+    return graph_nodes(model, head)[0].input_tensors[0]

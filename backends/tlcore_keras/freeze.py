@@ -18,14 +18,16 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tlcore.freeze import Resolved, TensorInfo, in_layer, owning_layer
+from tlcore.cut import in_layer
+from tlcore.freeze import Resolved, TensorInfo, owning_layer
 
-from ._keras import keras
+from ._keras import keras, own_variables, seed_generators
 from .cut import children
 
 BATCHNORM = (keras.layers.BatchNormalization,)
@@ -85,10 +87,11 @@ def named_layers(layer: keras.layers.Layer, order: list | None = None, prefix: s
 
 def _own_variables(layer: keras.layers.Layer) -> list[tuple[Any, str]]:
     """``(variable, kind)`` for the variables a layer creates itself (not its sub-layers')."""
-    trainable = {id(v) for v in layer._trainable_variables}
+    created_trainable, created_other = own_variables(layer)
+    trainable = {id(v) for v in created_trainable}
     is_bn = isinstance(layer, BATCHNORM)
     out, seen = [], set()
-    for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
+    for v in created_trainable + created_other:
         if id(v) in seen:
             continue
         seen.add(id(v))
@@ -97,14 +100,14 @@ def _own_variables(layer: keras.layers.Layer) -> list[tuple[Any, str]]:
         else:
             kind = "param" if id(v) in trainable else "buffer"
         out.append((v, kind))
-    out += [(sg.state, "rng") for sg in getattr(layer, "_seed_generators", [])]
+    out += [(sg.state, "rng") for sg in seed_generators(layer)]
     return out
 
 
 def tensors(model: keras.Model, cut_points: list[str], order: list | None = None,
-            canonical_names: bool = False) -> list[Tensor]:
+            canonical_at: Callable[[str], bool] = lambda path: False) -> list[Tensor]:
     """Every variable of ``model`` (trainable or not, random-seed states too), in forward order;
-    under PyTorch's names and layouts with ``canonical_names``."""
+    under PyTorch's names and layouts for the layers whose path ``canonical_at`` accepts."""
     known = set(cut_points)
     out, seen, names = [], set(), set()
     for path, layer in [("", model), *named_layers(model, order)]:
@@ -114,7 +117,7 @@ def tensors(model: keras.Model, cut_points: list[str], order: list | None = None
             if id(v) in seen:  # a variable shared by two layers is listed once, under the first
                 continue
             seen.add(id(v))
-            leaf, perm = canonical(layer, v.name) if canonical_names else (v.name, None)
+            leaf, perm = canonical(layer, v.name) if canonical_at(path) else (v.name, None)
             base = f"{path}.{leaf}" if path else leaf
             name, i = base, 1
             while name in names:
@@ -160,4 +163,4 @@ def stochastic_layers(model: keras.Model, order: list | None = None) -> list[str
     """Paths of layers that draw random numbers (they own a ``SeedGenerator``: Dropout with rate > 0,
     noise and augmentation layers)."""
     return [path for path, layer in [("", model), *named_layers(model, order)]
-            if getattr(layer, "_seed_generators", None)]
+            if seed_generators(layer)]

@@ -1,8 +1,8 @@
-"""Building a :class:`tlcore.Head` as a ``keras.Sequential`` whose layers are named after
+"""Building a :class:`tlcore.HeadPlan` as a ``keras.Sequential`` whose layers are named after
 ``Head.layers()`` (``pool``, ``fc0``, ``act0``, ``drop0``, ``out``).
 
 Example:
-    >>> head = build_head(tl.Head.linear(5), feature_shape=(4, 4, 32), name="head", seed=0)  # doctest: +SKIP
+    >>> head = build_head(plan, values, feature_shape=(4, 4, 32), name="head")   # doctest: +SKIP
     >>> [layer.name for layer in head.layers]                                                 # doctest: +SKIP
     ['pool', 'out']
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlcore.head import Head
+from tlcore.head import HeadPlan
 
 from ._keras import keras
 
@@ -42,25 +42,25 @@ class Pool(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def build_head(head: Head, feature_shape: tuple, name: str, seed: int) -> keras.Sequential:
-    """The head as a built ``keras.Sequential`` called ``name`` taking features of ``feature_shape``.
-
-    Dense kernels are Glorot-uniform (Keras' default) and dropout is seeded, all from ``seed``.
-    """
-    if head.pool == "flatten" and any(d is None for d in feature_shape):
-        raise ValueError(f"pool='flatten' needs fully known feature shapes, got {feature_shape}")
-    seeds = iter(np.random.default_rng(seed).integers(0, 2**31 - 1, size=2 * len(head.layers())).tolist())
-    hidden = iter(head.hidden)
+def build_head(plan: HeadPlan, values: dict[str, np.ndarray], feature_shape: tuple, name: str) -> keras.Sequential:
+    """The head as a built ``keras.Sequential`` called ``name`` taking features of ``feature_shape``,
+    its dense weights set from ``values`` (PyTorch's layout: a kernel is ``weight.T``). Dropout draws
+    from seed states that ``fit`` reseeds."""
+    spec = plan.spec
+    units = {n: o for n, _, o in plan.dense_layers()}
     layers: list[keras.layers.Layer] = [keras.Input(shape=tuple(feature_shape))]
-    for layer_name, kind in head.layers():
+    for layer_name, kind in spec.layers():
         if kind == "pool":
-            layers.append(Pool(head.pool, name=layer_name))
+            layers.append(Pool(spec.pool, name=layer_name))
         elif kind == "dense":
-            units = head.num_classes if layer_name == "out" else next(hidden)
-            layers.append(keras.layers.Dense(
-                units, name=layer_name, kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds))))
+            layers.append(keras.layers.Dense(units[layer_name], name=layer_name))
         elif kind == "activation":
-            layers.append(keras.layers.Activation(head.activation, name=layer_name))
+            layers.append(keras.layers.Activation(spec.activation, name=layer_name))
         else:
-            layers.append(keras.layers.Dropout(head.dropout, seed=next(seeds), name=layer_name))
-    return keras.Sequential(layers, name=name)
+            layers.append(keras.layers.Dropout(spec.dropout, seed=0, name=layer_name))  # fit reseeds it
+    head = keras.Sequential(layers, name=name)
+    for layer_name, _, _ in plan.dense_layers():
+        dense = head.get_layer(layer_name)
+        dense.kernel.assign(values[f"{layer_name}.weight"].T)
+        dense.bias.assign(values[f"{layer_name}.bias"])
+    return head

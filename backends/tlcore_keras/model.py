@@ -12,19 +12,18 @@ from dataclasses import replace
 
 import numpy as np
 
+from tlcore.backend import Trainer
+from tlcore.cut import in_layer
 from tlcore.errors import CutError, FreezePolicyError, UnsupportedModelError
 from tlcore.freeze import Resolved, TensorInfo
-from tlcore.head import Head
-from tlcore.model import FEATURE_BATCH, Model, Trainer
+from tlcore.head import HeadPlan
+from tlcore.model import FEATURE_BATCH, Model
 from tlcore.optim import TrainSpec
 
 from . import cut, freeze, shared
 from ._keras import Sequential, keras, tf
 from .head import build_head
 from .train import KerasTrainer, SharedStepTrainer
-
-#: compiled training steps kept per model (one per optimizer spec and trainable set)
-MAX_TRAINERS = 4
 
 
 def _named(model: keras.Model) -> dict:
@@ -41,7 +40,7 @@ class KerasModel(Model):
             alone (feature caching) draws the same dropout masks as inside the full model.
         canonical: report weights under PyTorch's names and layouts (zoo models, whose state is
             the same on every backend): ``conv1.weight`` ``(out, in, kh, kw)``, ``fc.weight``
-            ``(out, in)``, ``bn1.running_mean``...
+            ``(out, in)``, ``bn1.running_mean``... An attached head is always reported so.
 
     Example:
         >>> m = tl.wrap(keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None))  # doctest: +SKIP
@@ -51,20 +50,23 @@ class KerasModel(Model):
     backend = "keras"
 
     def __init__(self, native: keras.Model, *, rng_prefix: str = "", kinds: dict[str, str] | None = None,
-                 canonical: bool = False, **kwargs):
+                 canonical: bool = False, canonical_layers: tuple[str, ...] = (), **kwargs):
         if not isinstance(native, keras.Model):
             raise UnsupportedModelError(f"the keras backend wraps a keras.Model, got {type(native).__qualname__}")
         input_shape = kwargs.get("input_shape")
         if input_shape is None:
             input_shape = kwargs["input_shape"] = cut.input_shape_of(native)
-        self._model = native
         self._rng_prefix = rng_prefix
         self.canonical = canonical
-        self._fns: dict[str, object] = {}
-        self._trainers: dict[tuple, KerasTrainer] = {}
+        self._canonical_layers = tuple(canonical_layers)
         #: set on a head trained on cached features: its step is compiled once per process and structure
         self._shared_key: tuple | None = None
-        self._head_cache: KerasModel | None = None
+        self._set_model(native, input_shape, kinds)
+        super().__init__(**kwargs)
+
+    def _set_model(self, native: keras.Model, input_shape, kinds: dict[str, str] | None = None) -> None:
+        self._model = native
+        self._fns: dict[tuple, object] = {}
         self._chain: cut.CallChain | None = None
         self._ensure_built(input_shape)
         if not cut.is_graph(native):
@@ -72,7 +74,7 @@ class KerasModel(Model):
         self._layers = cut.layer_paths(native, self._order)
         self._kinds = kinds or {p: type(layer).__name__ for p, layer in freeze.named_layers(native, self._order)}
         self._all: list[freeze.Tensor] | None = None
-        super().__init__(**kwargs)
+        self._infos = None
 
     @property
     def _order(self) -> list | None:
@@ -105,10 +107,13 @@ class KerasModel(Model):
     def _layer_kinds(self) -> dict[str, str]:
         return dict(self._kinds)
 
+    def _canonical_at(self, path: str) -> bool:
+        return self.canonical or any(in_layer(path, layer) for layer in self._canonical_layers)
+
     @property
     def _tensors(self) -> list[freeze.Tensor]:
         if self._all is None:
-            self._all = freeze.tensors(self._model, self._layers, self._order, self.canonical)
+            self._all = freeze.tensors(self._model, self._layers, self._order, self._canonical_at)
         return self._all
 
     def _tensor_infos(self) -> list[TensorInfo]:
@@ -131,9 +136,22 @@ class KerasModel(Model):
         mask = self._resolved.mask
         return [t.variable for t in self._tensors if t.info.kind in freeze.TRAINABLE_KINDS and mask[t.name]]
 
+    def _verify_native(self) -> None:
+        """Keras' trainable flags must still be the mask's (a compiled step reads them, keras#6405)."""
+        variables = self.trainable_variables()
+        flagged = {id(v) for v in self._model.trainable_variables}
+        if flagged != {id(v) for v in variables}:
+            names = {id(t.variable): t.name for t in self._tensors}
+            odd = sorted(names.get(i, "?") for i in flagged ^ {id(v) for v in variables})
+            raise FreezePolicyError(
+                f"Keras' trainable flags of {odd[:5]} were changed outside tlcore, so they no longer match "
+                "trainable_mask(); change what trains with model.freeze(tl.FreezePolicy...) instead")
+
     # ---------------------------------------------------------------- running
     def _compiled(self, key: str, fn, x: np.ndarray):
-        """``fn`` as a ``tf.function`` taking batches shaped like ``x`` (traced once per model)."""
+        """``fn`` as a ``tf.function`` taking batches shaped like ``x`` (traced once per model and
+        per-sample shape)."""
+        key = (key, x.shape[1:])
         if key not in self._fns:
             spec = tf.TensorSpec((None, *x.shape[1:]), tf.float32)
             self._fns[key] = tf.function(fn, input_signature=[spec], autograph=False)
@@ -144,27 +162,13 @@ class KerasModel(Model):
         return self._compiled("forward", lambda t: model(t, training=False), x)(x).numpy()
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
-        """A compiled step for ``spec`` and the current trainable set: reused (fresh optimizer state,
-        reseeded) while neither changes, rebuilt as soon as the policy changes what trains, so a
-        stale step (keras#6405) is never run."""
+        """A compiled step for ``spec`` and the current trainable set (the core drops it as soon as the
+        policy changes what trains, so a stale step, keras#6405, is never run)."""
         variables = self.trainable_variables()
-        flagged = {id(v) for v in self._model.trainable_variables}
-        if flagged != {id(v) for v in variables}:
-            names = {id(t.variable): t.name for t in self._tensors}
-            odd = sorted(names.get(i, "?") for i in flagged ^ {id(v) for v in variables})
-            raise FreezePolicyError(
-                f"Keras' trainable flags of {odd[:5]} were changed outside tlcore, so they no longer match "
-                "trainable_mask(); change what trains with model.freeze(tl.FreezePolicy...) instead")
         rngs = [(self._rng_prefix + t.name, t.variable) for t in self._tensors if t.info.kind == "rng"]
         if self._shared_key is not None and variables:
             return SharedStepTrainer(self._model, rngs, spec, (*self._shared_key, replace(spec, seed=0)))
-        key = (replace(spec, seed=0), tuple(self._resolved.mask.items()), self._resolved.frozen_bn_units)
-        reuse = key in self._trainers
-        trainer = shared.shared(key, lambda: KerasTrainer(self._model, variables, rngs, spec), self._trainers,
-                                MAX_TRAINERS)
-        if reuse:
-            trainer.reset(rngs, spec.seed)
-        return trainer
+        return KerasTrainer(self._model, variables, rngs, spec)
 
     def _stochastic_layers(self) -> list[str]:
         return freeze.stochastic_layers(self._model, self._order)
@@ -183,7 +187,7 @@ class KerasModel(Model):
             f"{self._chain.reason}. Build it with the functional API (keras.Model(inputs, outputs)) or as a "
             "keras.Sequential, or put the part to keep in its own Sequential/functional model")
 
-    def _cut(self, last: str | None) -> KerasModel:
+    def _cut(self, last: str | None, layers: list[str]) -> KerasModel:
         if last is None and self._chain is not None and not self._chain.sequential:
             copy = cut.copy_model(self._model, _named, self.input_shape)  # whole, from its config
         else:
@@ -196,27 +200,35 @@ class KerasModel(Model):
             if isinstance(copy, Sequential) and not copy.built:
                 copy.build((None, *self.input_shape))
         return KerasModel(copy, input_shape=self.input_shape, kinds=self._kinds, canonical=self.canonical,
-                          meta=self.meta)
+                          canonical_layers=self._canonical_layers, meta=self.meta)
 
-    def _with_head(self, head: Head, name: str, seed: int) -> KerasModel:
+    def _feature_shape(self, x: np.ndarray | None) -> tuple | None:
+        self._graph("attach a head to")  # a model that cannot take a head says so now
+        if self._chain is None or self._chain.sequential:
+            base = self._graph("attach a head to")
+            if isinstance(base, Sequential) and not base.built:
+                base.build((None, *self.input_shape))
+            if len(base.outputs) != 1:
+                raise CutError(f"{base.name!r} has {len(base.outputs)} outputs; cut it at a layer with one output "
+                               "before attaching a head")
+            shape = tuple(base.outputs[0].shape[1:])
+            if x is None or all(d is not None for d in shape):
+                return shape
+        elif x is None:
+            return None
+        return tuple(self._forward(x[:1]).shape[1:])
+
+    def _attach_head(self, plan: HeadPlan, name: str, values: dict[str, np.ndarray]) -> None:
         base = self._graph("attach a head to")
-        if self.input_shape is None or None in self.input_shape[-1:]:
-            raise CutError(f"cannot size the head: the input shape is unknown ({self.input_shape}); pass "
-                           "input_shape=(H, W, C) (per sample, no batch) to tl.finetune or tl.wrap")
-        if isinstance(base, Sequential) and not base.built:
-            base.build((None, *self.input_shape))
-        outputs = base.outputs
-        if len(outputs) != 1:
-            raise CutError(f"{base.name!r} has {len(outputs)} outputs; cut it at a layer with one output "
-                           "before attaching a head")
-        head_model = build_head(head, tuple(outputs[0].shape[1:]), name, seed)
-        model = cut.append_head(base, head_model)
-        kinds = {**self._kinds, name: "Head",
-                 **{f"{name}.{layer.name}": type(layer).__name__ for layer in cut.children(head_model)}}
-        return KerasModel(model, input_shape=self.input_shape, kinds=kinds, head=name, head_spec=head,
-                          canonical=self.canonical, meta=self.meta)
+        symbolic = tuple(base.outputs[0].shape[1:])
+        feature_shape = plan.feature_shape if plan.spec.pool == "flatten" and None in symbolic else symbolic
+        head = build_head(plan, values, feature_shape, name)
+        kinds = {**self._kinds, name: "Head", **{f"{name}.{layer.name}": type(layer).__name__
+                                                 for layer in cut.children(head)}}
+        self._canonical_layers += (name,)
+        self._set_model(cut.append_head(base, head), self.input_shape, kinds)
 
-    def _output_shapes(self) -> dict[str, tuple]:
+    def _output_shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple]:
         shapes: dict[str, tuple] = {}
         if self._chain is not None:
             return shapes
@@ -247,7 +259,8 @@ class KerasModel(Model):
     def _feature_function(self, x: np.ndarray) -> tuple:
         """``(fn, variables)``: ``fn(batch, values of variables)`` computes the pooled features. It is
         traced once per process for all models of the same structure (:mod:`.shared`)."""
-        if "features" not in self._fns:
+        key = ("features", x.shape[1:])
+        if key not in self._fns:
             pool = cut.children(self._head_layer())[0]
             features = keras.Model(cut.single(self._model.inputs), cut.head_input(self._model, self._head_layer()))
             variables = [*features.variables, *pool.variables]
@@ -260,19 +273,15 @@ class KerasModel(Model):
                              [tf.TensorSpec(v.shape, v.dtype) for v in variables]]
                 return tf.function(run, input_signature=signature, autograph=False).get_concrete_function()
 
-            key = shared.structure_key(features)
+            structure = shared.structure_key(features)
             pool_key = shared.structure_key(pool)
-            fn = make() if key is None or pool_key is None else shared.shared(("features", key, pool_key), make)
-            self._fns["features"] = (fn, variables)
-        return self._fns["features"]
+            fn = make() if structure is None or pool_key is None else \
+                shared.shared(("features", structure, pool_key, x.shape[1:]), make)
+            self._fns[key] = (fn, variables)
+        return self._fns[key]
 
     def _head_model(self) -> KerasModel:
         """The head after its ``pool`` layer (see :meth:`_features`), sharing its weights."""
-        if self._head_cache is None:
-            self._head_cache = self._build_head_model()
-        return self._head_cache.unfreeze()  # a head is always trained whole
-
-    def _build_head_model(self) -> KerasModel:
         head = self._head_layer()
         pool, *rest = cut.children(head)
         pooled = tuple(pool.compute_output_shape((None, *head.inputs[0].shape[1:]))[1:])
@@ -280,6 +289,6 @@ class KerasModel(Model):
         prefix = f"{self._head}."
         kinds = {p[len(prefix):]: k for p, k in self._kinds.items() if p.startswith(prefix)}
         head_model = KerasModel(model, input_shape=pooled, kinds=kinds, head_spec=self.head_spec,
-                                rng_prefix=f"{self._rng_prefix}{prefix}", canonical=self.canonical)
+                                rng_prefix=f"{self._rng_prefix}{prefix}", canonical=True)
         head_model._shared_key = ("head", self.head_spec, pooled)
         return head_model

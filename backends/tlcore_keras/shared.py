@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ._keras import keras
+from ._keras import flatten_layers, keras
 
 #: compiled functions kept per process, least recently used dropped first
 MAX_SHARED = 16
@@ -40,7 +40,7 @@ def structure_key(model: keras.Layer) -> str | None:
     variables: their configs with layer names replaced by their order of appearance, plus the
     shapes and dtypes of their variables. ``None`` when a layer is not one of Keras' own or
     tlcore's (a custom layer's config may not describe all it computes), so nothing is shared."""
-    layers = [model, *model._flatten_layers(include_self=False)]
+    layers = [model, *flatten_layers(model)]
     if any(not type(layer).__module__.startswith(("keras.", "tlcore_keras.")) for layer in layers):
         return None
     layer_names, names = {layer.name for layer in layers}, {}

@@ -47,22 +47,23 @@ import zlib
 
 import numpy as np
 
-from tlcore.model import Trainer
+from tlcore.backend import Trainer
 from tlcore.optim import OptimizerSpec, TrainSpec
 
-from ._keras import keras, tf
+from ._keras import in_stateless_scope, keras, tf, variable_index
 from .shared import shared
 
 ops = keras.ops
 
-try:
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-except ImportError:  # a Keras without it: always take the generic (assign-based) update
-    def in_stateless_scope() -> bool:
-        return True
-
 #: compile the step with XLA (``jit_compile=True``); chosen by measurement, see the table above
 JIT_COMPILE = False
+
+
+def dense(grads: list) -> list:
+    """Gradients as dense tensors: an ``Embedding`` (a ``tf.gather``) yields ``IndexedSlices``, which
+    PyTorch's rules (``nn.Embedding(sparse=False)``) treat as a dense gradient that is zero on the rows
+    not looked up, so moments and decay reach every row."""
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
 
 
 def clip_by_global_norm(grads: list, max_norm: float) -> list:
@@ -107,6 +108,7 @@ class TorchRuleOptimizer(keras.optimizers.Optimizer):
     uses_step = False
 
     def apply(self, grads, trainable_variables=None):
+        grads = dense(list(grads))
         if self.clip_grad_norm is not None:
             grads = clip_by_global_norm(list(grads), self.clip_grad_norm)
         self.__dict__["_per_apply"] = {}  # tensors made once per apply, see _once (untracked attribute)
@@ -127,7 +129,7 @@ class TorchRuleOptimizer(keras.optimizers.Optimizer):
         return self._once(("step", dtype), lambda: ops.cast(self.iterations + 1, dtype))
 
     def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
+        index = variable_index(self, variable)
         slots = {name: self._state[name][index] for name in self.slot_names()}
         step = self._current_step(variable.dtype)
         new_w, new_slots = self.rule(ops.convert_to_tensor(variable), ops.cast(gradient, variable.dtype),
@@ -158,13 +160,11 @@ class SGD(TorchRuleOptimizer):
             return super().update_step(gradient, variable, learning_rate)
         var = variable.value if isinstance(variable, keras.Variable) else variable
         dtype = var.dtype
-        if isinstance(gradient, tf.IndexedSlices):  # the fused kernels take dense gradients
-            gradient = tf.convert_to_tensor(gradient)
         g = self._l2(tf.cast(gradient, dtype), var.read_value() if self.spec.weight_decay else None)
         lr, mu = self._once(("lr, momentum", dtype), lambda: (tf.constant(self.spec.lr, dtype),
                                                               tf.constant(self.spec.momentum, dtype)))
         if self.spec.momentum:
-            buf = self._state["momentum_buffer"][self._get_variable_index(variable)].value
+            buf = self._state["momentum_buffer"][variable_index(self, variable)].value
             tf.raw_ops.ResourceApplyMomentum(var=var.handle, accum=buf.handle, lr=lr, grad=g, momentum=mu)
         else:
             tf.raw_ops.ResourceApplyGradientDescent(var=var.handle, alpha=lr, delta=g)
@@ -278,7 +278,7 @@ class KerasTrainer(Trainer):
 
     def __init__(self, model: keras.Model, variables: list, rng_vars: list, spec: TrainSpec,
                  jit_compile: bool = JIT_COMPILE):
-        self.model, self.variables, self.spec = model, list(variables), spec
+        self.model, self.variables, self.spec, self.rng_vars = model, list(variables), spec, rng_vars
         self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm) if self.variables else None
         if self.optimizer is not None:
             self.optimizer.build(self.variables)
@@ -295,9 +295,9 @@ class KerasTrainer(Trainer):
                     v.value.assign(tf.zeros(v.shape, v.dtype))
 
             self._zero_state = tf.function(zero_state, input_signature=[], autograph=False)
-        self.reset(rng_vars, spec.seed, fresh=True)
+        self.reset(spec.seed, fresh=True)
 
-    def reset(self, rng_vars: list, seed: int, fresh: bool = False) -> KerasTrainer:
+    def reset(self, seed: int, fresh: bool = False) -> None:
         """Start a new ``fit`` with this (already compiled) step: fresh optimizer state, random
         layers reseeded from ``seed``; ``compilations`` then counts this fit's traces only.
         ``fresh``: the optimizer was just built (its state is already zero; nothing to trace)."""
@@ -305,9 +305,8 @@ class KerasTrainer(Trainer):
             if isinstance(self._zero_state, tf.types.experimental.PolymorphicFunction):
                 self._zero_state = self._zero_state.get_concrete_function()  # traced on first reuse only
             self._zero_state()
-        seed_rngs(rng_vars, seed)
+        seed_rngs(self.rng_vars, seed)
         self.compilations = 0
-        return self
 
     def _train_step(self, x, y):
         self.compilations += 1  # runs once per trace
@@ -357,11 +356,15 @@ class SharedStepTrainer(Trainer):
     """
 
     def __init__(self, model: keras.Model, rng_vars: list, spec: TrainSpec, key: tuple):
-        self.model, self.spec, self.key = model, spec, key
-        seed_rngs(rng_vars, spec.seed)
+        self.model, self.spec, self.key, self.rng_vars = model, spec, key, rng_vars
         self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm)  # for its rule; holds no state
         self._trainable = list(model.trainable_variables)
         self._non_trainable = list(model.non_trainable_variables)
+        self.reset(spec.seed)
+
+    def reset(self, seed: int) -> None:
+        """Start from the model's current values, with zero optimizer state and reseeded random layers."""
+        seed_rngs(self.rng_vars, seed)
         self.weights = [tf.convert_to_tensor(v) for v in self._trainable]
         self.states = [tf.convert_to_tensor(v) for v in self._non_trainable]
         self.slots = [{n: tf.zeros_like(w) for n in self.optimizer.slot_names()} for w in self.weights]
@@ -376,7 +379,7 @@ class SharedStepTrainer(Trainer):
             out, states, extra = self.model.stateless_call(weights, states, x, training=True, return_losses=True)
             loss, correct = loss_and_correct(out, y, self.spec.loss)
             objective = loss + tf.add_n(extra) if extra else loss
-        grads = tape.gradient(objective, weights)
+        grads = dense(tape.gradient(objective, weights))
         if self.spec.clip_grad_norm is not None:
             grads = clip_by_global_norm(grads, self.spec.clip_grad_norm)
         updated = [self.optimizer.rule(w, g, slot, step) for w, g, slot in zip(weights, grads, slots)]

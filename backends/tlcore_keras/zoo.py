@@ -243,8 +243,8 @@ def mlp(cfg: dict[str, Any]) -> keras.Model:
 
 
 def small_cnn(cfg: dict[str, Any]) -> keras.Model:
-    size, n = cfg["input_size"], len(cfg["widths"])
-    seq = [keras.Input((size, size, cfg["in_channels"]))]
+    n = len(cfg["widths"])
+    seq = [keras.Input((None, None, cfg["in_channels"]))]  # any image size, as in PyTorch
     for i, w in enumerate(cfg["widths"], 1):
         seq += [layers.Conv2D(w, 3, padding="same", use_bias=False, name=f"conv{i}"), batchnorm(f"bn{i}"),
                 layers.ReLU(name=f"relu{i}")]
@@ -255,8 +255,8 @@ def small_cnn(cfg: dict[str, Any]) -> keras.Model:
 
 
 def resnet18(cfg: dict[str, Any]) -> keras.Model:
-    w, size = cfg["width"], cfg["input_size"]
-    seq = [keras.Input((size, size, cfg["in_channels"])),
+    w = cfg["width"]
+    seq = [keras.Input((None, None, cfg["in_channels"])),  # any image size, as in PyTorch
            PaddedConv2D(w, 7, strides=2, torch_padding=3, use_bias=False, name="conv1"), batchnorm("bn1"),
            layers.ReLU(name="relu"), TorchMaxPool2D(3, 2, 1, name="maxpool")]
     cin = w

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from tlcore.native_libs import load_triton_first
+from tlcore.native_libs import guard_triton
 
 if "tensorflow" in sys.modules:
-    load_triton_first()
+    guard_triton()
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -1,11 +1,19 @@
-"""Building a :class:`tlcore.Head` as an ``nn.Sequential`` named after ``Head.layers()``."""
+"""Building a :class:`tlcore.HeadPlan` as an ``nn.Sequential`` named after ``Head.layers()``.
+
+Example:
+    >>> head = build_head(HeadPlan(tl.Head.linear(5), width=16), values)   # doctest: +SKIP
+    >>> [n for n, _ in head.named_children()]                             # doctest: +SKIP
+    ['pool', 'out']
+"""
 from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 
-from ._torch import torch, nn
-from tlcore.head import Head
+from tlcore.head import HeadPlan
+
+from ._torch import nn, torch
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -28,19 +36,20 @@ class Pool(nn.Module):
         return self.mode
 
 
-def build_head(head: Head, in_features: int, nhwc: bool = False) -> nn.Sequential:
+def build_head(plan: HeadPlan, values: dict[str, np.ndarray], nhwc: bool = False) -> nn.Sequential:
+    """The head's layers, its dense weights set from ``values`` (PyTorch's layout, as ``nn.Linear``)."""
+    spec, dense = plan.spec, {name: (i, o) for name, i, o in plan.dense_layers()}
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    width = in_features
-    hidden = iter(head.hidden)
-    for name, kind in head.layers():
+    for name, kind in spec.layers():
         if kind == "pool":
-            layers[name] = Pool(head.pool, nhwc)
+            layers[name] = Pool(spec.pool, nhwc)
         elif kind == "dense":
-            out = head.num_classes if name == "out" else next(hidden)
-            layers[name] = nn.Linear(width, out)
-            width = out
+            layers[name] = linear = torch.nn.utils.skip_init(nn.Linear, *dense[name])  # no RNG draw
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(values[f"{name}.weight"]))
+                linear.bias.copy_(torch.from_numpy(values[f"{name}.bias"]))
         elif kind == "activation":
-            layers[name] = ACTIVATIONS[head.activation]()
+            layers[name] = ACTIVATIONS[spec.activation]()
         else:
-            layers[name] = nn.Dropout(head.dropout)
+            layers[name] = nn.Dropout(spec.dropout)
     return nn.Sequential(layers)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ._torch import torch, nn, F
-from tlcore.model import Trainer
+from tlcore.backend import Trainer
 from tlcore.optim import OptimizerSpec, TrainSpec
 
 from .freeze import train_mode
@@ -42,19 +42,19 @@ def loss_and_correct(out: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[tor
 class TorchTrainer(Trainer):
     """Eager training step; frozen BatchNorm in eval mode, frozen parameters never in the optimizer.
 
-    A trainer is reused by later fits with the same spec and policy: :meth:`start` reseeds and gives
-    the optimizer fresh state, so each ``fit`` starts like a new one without rebuilding anything.
+    The core reuses a trainer for later fits with the same spec and policy: :meth:`reset` reseeds and
+    gives the optimizer fresh state, so each ``fit`` starts like a new one without rebuilding anything.
     """
 
-    def __init__(self, module: nn.Module, frozen_bn_units: frozenset[str], spec: TrainSpec,
+    def __init__(self, module: nn.Module, frozen_bn: list[nn.Module], spec: TrainSpec,
                  to_module: Callable[[np.ndarray], torch.Tensor] = torch.from_numpy):
         self.module, self.spec, self.to_module = module, spec, to_module
-        self.frozen_bn = [module.get_submodule(path) for path in frozen_bn_units]
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.frozen_bn = frozen_bn
+        self.params = list({id(p): p for p in module.parameters() if p.requires_grad}.values())
         self.optimizer = build_optimizer(spec.optimizer, self.params) if self.params else None
-        self.start(spec.seed)
+        self.reset(spec.seed)
 
-    def start(self, seed: int) -> None:
+    def reset(self, seed: int) -> None:
         """Prepare a new fit: seed dropout, clear optimizer state, set the training modes."""
         torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed seeds every device
         if self.optimizer is not None:

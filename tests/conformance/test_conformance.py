@@ -1,4 +1,7 @@
-"""The shared conformance suite, run on every selected backend (see ``tlcore.testing``)."""
-from tlcore.testing.suite_api import *  # noqa: F401,F403
-from tlcore.testing.suite_errors import *  # noqa: F401,F403
-from tlcore.testing.suite_freeze import *  # noqa: F401,F403
+"""The shared conformance kit (``tlcore.testing``), run on every selected backend."""
+from tlcore.testing import parametrize_with_checks
+
+
+@parametrize_with_checks()
+def test_conformance(backend, check):
+    check(backend)

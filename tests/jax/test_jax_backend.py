@@ -104,7 +104,7 @@ def test_no_gradient_is_computed_for_frozen_parameters(clip):
     trainer = trainer_for(ft, tl.optim.AdamW(lr=1e-2, weight_decay=0.05), clip)
     # only the trainable parameters are differentiated and optimized
     trainable = {".".join(map(str, p)) for p in trainer.trainable_paths}
-    assert trainable == {"head.fc0.kernel", "head.fc0.bias", "head.out.kernel", "head.out.bias"}
+    assert trainable == {"head.fc0.weight", "head.fc0.bias", "head.out.weight", "head.out.bias"}
     # no backward convolution at all, before XLA's dead-code elimination and after it
     assert conv_count(trainer.jaxpr(x, y).jaxpr) == FORWARD_CONVS
     assert hlo_conv_count(trainer.compiled_text(x, y)) == FORWARD_CONVS
@@ -250,7 +250,7 @@ def test_dropout_keys_come_from_the_fit_seed():
 
     a, b, c = run(3), run(3), run(4)
     assert tl.changed_tensors(a, b) == {}
-    assert "head.out.kernel" in tl.changed_tensors(a, c), "another seed draws other dropout masks"
+    assert "head.out.weight" in tl.changed_tensors(a, c), "another seed draws other dropout masks"
     assert a["head.drop0.rngs.count"] == 3  # one key per step
 
 
@@ -292,7 +292,7 @@ def test_nnx_sequential_children_are_cut_points_and_dotted_names_reach_nested_on
     ft = tl.finetune(m, cut=tl.LayerCut(at="0.0"), head=tl.Head.linear(2))
     assert ft.layers == ["0", "0.0", "head", "head.pool", "head.out"]
     assert ft.predict(np.ones((5, 4), np.float32)).shape == (5, 2)
-    assert ft.native.head.out.kernel.shape == (8, 2)
+    assert ft.native.head.out.weight.shape == (2, 8)  # PyTorch's (out, in), as every backend's head
     np.testing.assert_array_equal(ft.state()["0.0.kernel"], m.state()["0.0.kernel"])
     assert ft.native is not net and getattr(ft.native, "0").layers[0].kernel is not net.layers[0].layers[0].kernel
 
@@ -314,7 +314,7 @@ def test_batchnorm_inside_nnx_sequential_is_frozen_by_its_tlcore_name(bn):
         assert {"1.mean", "1.var", "1.scale", "0.kernel"} <= set(checked)
     else:  # negative control: the same statistics do move when BatchNorm trains
         assert "0.kernel" in checked and {"1.mean", "1.var", "1.scale"} <= set(changed)
-    assert {"head.out.kernel", "3.rngs.count"} <= set(changed)
+    assert {"head.out.weight", "3.rngs.count"} <= set(changed)
 
 
 def test_named_sequential_nested_cut_keeps_names_and_copies_weights():
@@ -354,22 +354,22 @@ class TwoPath(nnx.Module):
         return h
 
 
-def test_module_that_is_not_sequential_is_kept_whole_and_cutting_it_explains_why():
+def test_module_that_is_not_sequential_is_cut_by_running_its_own_call():
     m = tl.wrap(TwoPath(nnx.Rngs(0)), input_shape=(5, 5, 3))
     assert m.layers == ["stem", "side", "blocks", "blocks.0", "blocks.1"]
     assert {t.name: t.layer for t in m.tensors}["token"] == ""  # root tensors belong to no layer
-    with pytest.raises(tl.CutError) as info:
-        tl.finetune(m, cut=tl.LayerCut(at="side"))
-    msg = str(info.value)
-    assert "'side'" in msg and "TwoPath is not a sequential container" in msg
-    assert "LayerCut()" in msg and "NamedSequential" in msg and "nnx.Sequential" in msg
+    x = np.random.default_rng(0).normal(size=(6, 5, 5, 3)).astype(np.float32)
+    cut = tl.finetune(m, cut=tl.LayerCut(at="blocks.0"), head=tl.Head.linear(2))
+    assert cut.layers[:4] == ["stem", "side", "blocks", "blocks.0"] and "blocks.1.kernel" not in cut.state()
+    net = m.native
+    expected = net.blocks[0](net.stem(x) + net.side(x) + net.token[...])  # before the loop's relu
+    np.testing.assert_allclose(cut.features(x), np.asarray(expected), rtol=1e-5, atol=1e-6)
     # kept whole, it takes a head after its output, and keeps its own names
     ft = tl.finetune(m, head=tl.Head.linear(2), freeze=tl.FreezePolicy.up_to("side"))
     assert ft.layers[-3:] == ["head", "head.pool", "head.out"]
-    assert {"stem.kernel", "blocks.0.kernel", "token", "head.out.kernel"} <= set(ft.state())
+    assert {"stem.kernel", "blocks.0.kernel", "token", "head.out.weight"} <= set(ft.state())
     assert [n for n, t in ft.trainable_mask().items() if not t] == ["token", "stem.bias", "stem.kernel",
                                                                     "side.bias", "side.kernel"]
-    x = np.random.default_rng(0).normal(size=(6, 5, 5, 3)).astype(np.float32)
     snap = tl.snapshot(ft)
     fit(ft, x, np.arange(6) % 2, batch_size=6)
     tl.assert_frozen(snap, ft)
@@ -383,20 +383,27 @@ def test_head_pools_tokens_and_flattens_images():
     x = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
     s = ft.state()
     feats = x @ s["0.kernel"] + s["0.bias"]
-    expected = feats.mean(axis=1) @ s["head.out.kernel"] + s["head.out.bias"]
+    expected = feats.mean(axis=1) @ s["head.out.weight"].T + s["head.out.bias"]
     np.testing.assert_allclose(ft.predict(x), expected, rtol=1e-5, atol=1e-5)
     images = tl.get_backend("jax").reference_model()
     flat = tl.finetune(images, cut=tl.LayerCut(at="relu2"), head=tl.Head.linear(3, pool="flatten"))
-    assert flat.state()["head.out.kernel"].shape == (8 * 8 * 16, 3)
+    assert flat.state()["head.out.weight"].shape == (3, 8 * 8 * 16)
     assert flat.summary().rows[-1][2] == "(3,)"
 
 
-def test_head_needs_a_known_input_shape():
+def test_head_waits_for_its_first_batch_when_the_input_shape_is_unknown():
     rngs = nnx.Rngs(0)
     m = tl.wrap(NamedSequential(conv=nnx.Conv(3, 4, (3, 3), rngs=rngs)))
-    with pytest.raises(tl.CutError, match=r"input_shape=\(H, W, C\)"):
-        tl.finetune(m, head=tl.Head.linear(2))
-    assert tl.finetune(m, head=tl.Head.linear(2), input_shape=(6, 6, 3)).predict(np.zeros((1, 6, 6, 3))).shape == (1, 2)
+    assert m.input_shape == (None, None, 3)
+    ft = tl.finetune(m, head=tl.Head.linear(2))
+    assert not ft.head_built
+    with pytest.raises(tl.HeadNotBuiltError, match="first batch"):
+        ft.state()
+    assert ft.predict(np.zeros((1, 6, 6, 3), np.float32)).shape == (1, 2)
+    assert ft.head_built and ft.state()["head.out.weight"].shape == (2, 4)
+    eager = tl.finetune(m, head=tl.Head.linear(2), input_shape=(6, 6, 3))
+    assert eager.head_built
+    assert tl.changed_tensors(eager.state(), ft.state()) == {}, "the same weights, whenever built"
 
 
 def test_named_sequential_refuses_bad_names():
@@ -415,8 +422,8 @@ def test_zoo_resnet_freezes_batchnorm_inside_its_blocks_by_name():
     m = tl.zoo.create("resnet18", backend="jax", input_size=32, width=4, num_classes=3)
     assert m.state()["layer2.0.downsample.0.weight"].shape == (8, 4, 1, 1)  # (out, in, kh, kw)
     ft = tl.finetune(m, cut=tl.LayerCut(at="layer2"), head=tl.Head.linear(2), freeze=tl.FreezePolicy.up_to("layer1"))
-    assert ft.state()["head.out.weight"].shape == (2, 8)  # a canonical model gets a canonical head
     x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    assert ft.build(x[:1]).state()["head.out.weight"].shape == (2, 8)
     snap = tl.snapshot(ft)
     fit(ft, x, np.arange(4) % 2, batch_size=4)
     checked = tl.assert_frozen(snap, ft)

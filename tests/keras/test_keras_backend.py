@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import tlcore as tl
-from tlcore.testing import reference_finetune, sample_data, selected_backends
+from tlcore.testing import example_shape, reference_finetune, sample_data, selected_backends
 
 if "keras" not in selected_backends():
     pytest.skip("keras is not in TLCORE_TEST_BACKENDS", allow_module_level=True)
@@ -154,7 +154,7 @@ def test_subclassed_model_running_in_sequence_is_cut_at_top_level_layers():
     ft = tl.finetune(m, cut=tl.LayerCut(at="pool"), head=tl.Head.linear(2))
     snap, original = tl.snapshot(ft), tl.snapshot(m)
     ft.fit(x, np.arange(6) % 2, epochs=2, batch_size=3, progress=False)
-    assert tl.assert_frozen(snap, ft) and tl.changed_tensors(snap, ft.state(), ["head.out.kernel"])
+    assert tl.assert_frozen(snap, ft) and tl.changed_tensors(snap, ft.state(), ["head.out.weight"])
     assert tl.changed_tensors(original, m.state()) == {}
 
 
@@ -342,7 +342,7 @@ def test_head_on_token_features_averages_over_tokens():
     model = keras.Model(inputs, L.Dense(16, name="proj")(inputs))
     ft = tl.finetune(model, head=tl.Head.mlp(hidden=(8,), num_classes=3, dropout=0.2))
     assert ft.layers == ["proj", "head", "head.pool", "head.fc0", "head.act0", "head.drop0", "head.out"]
-    assert ft.state()["head.fc0.kernel"].shape == (16, 8)
+    assert ft.state()["head.fc0.weight"].shape == (8, 16), "PyTorch's (out, in) layout, as on every backend"
     x = np.random.default_rng(0).normal(size=(4, 5, 12)).astype(np.float32)
     pooled = ft.native.get_layer("head").get_layer("pool")(model(x)).numpy()
     np.testing.assert_allclose(pooled, model(x).numpy().mean(axis=1), rtol=1e-5, atol=1e-6)
@@ -352,7 +352,7 @@ def test_head_on_token_features_averages_over_tokens():
 def test_flatten_head_on_nhwc_features():
     m = BACKEND.reference_model(seed=0)
     ft = tl.finetune(m, cut=tl.LayerCut(at="relu2"), head=tl.Head.linear(5, pool="flatten"))
-    assert ft.state()["head.out.kernel"].shape == (8 * 8 * 16, 5)
+    assert ft.state()["head.out.weight"].shape == (5, 8 * 8 * 16)
     assert ft.predict(images(3)).shape == (3, 5)
 
 
@@ -394,7 +394,7 @@ def test_zoo_state_uses_pytorch_names_and_layouts():
 ])
 def test_zoo_models_compute_what_the_pytorch_ones_compute(arch, config):
     ours, theirs = (tl.zoo.create(arch, backend=b, seed=2, **config) for b in ("keras", "torch"))
-    x = np.random.default_rng(0).uniform(-1, 1, size=(4, *ours.input_shape)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(-1, 1, size=(4, *example_shape(ours))).astype(np.float32)
     np.testing.assert_allclose(ours.predict(x), theirs.predict(x), rtol=1e-4, atol=1e-5)
 
 
@@ -478,3 +478,44 @@ def test_frozen_features_are_traced_once_per_structure_and_use_each_models_weigh
                                L.GlobalAveragePooling2D(name="gap"), L.Dense(2, name="fc")])
     ft = tl.finetune(tl.wrap(custom), cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(3))
     np.testing.assert_allclose(ft._head_model().predict(ft._features(x)), ft.predict(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ sparse gradients
+@needs_torch
+@pytest.mark.parametrize("spec", [tl.optim.SGD(lr=0.5, momentum=0.9, weight_decay=0.01), tl.optim.Adam(lr=0.05),
+                                  tl.optim.AdamW(lr=0.05, weight_decay=0.1), tl.optim.RMSprop(lr=0.05)],
+                         ids=lambda s: s.kind)
+def test_trainable_embedding_takes_every_optimizer_with_pytorchs_dense_semantics(spec):
+    """An Embedding's gradient arrives as tf.IndexedSlices; it must be applied as PyTorch applies
+    nn.Embedding(sparse=False)'s dense gradient: rows not looked up still get momentum and decay."""
+    inputs = keras.Input((5,))
+    emb = L.Embedding(20, 4, name="emb")
+    model = keras.Model(inputs, L.Dense(3, name="fc")(L.GlobalAveragePooling1D(name="pool")(emb(inputs))))
+    m = tl.wrap(model)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.integers(0, 10, (4, 5)), rng.integers(10, 20, (4, 5))]).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    table, kernel, bias = (v.numpy().copy() for v in (emb.embeddings, model.get_layer("fc").kernel,
+                                                      model.get_layer("fc").bias))
+    m.fit(x, y, epochs=2, batch_size=4, shuffle=False, optimizer=spec, progress=False)
+
+    t_emb, t_fc = torch.nn.Embedding(20, 4), torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        t_emb.weight.copy_(torch.from_numpy(table))
+        t_fc.weight.copy_(torch.from_numpy(kernel.T))
+        t_fc.bias.copy_(torch.from_numpy(bias))
+    params = [t_emb.weight, t_fc.weight, t_fc.bias]
+    kw = {k: v for k, v in spec.to_dict().items() if k not in ("kind", "alpha")}
+    opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+           "rmsprop": lambda p, **k: torch.optim.RMSprop(p, alpha=spec.alpha, **k)}[spec.kind](params, **kw)
+    for _ in range(2):
+        for start in (0, 4):
+            ids = torch.from_numpy(x[start:start + 4].astype(np.int64))
+            loss = torch.nn.functional.cross_entropy(t_fc(t_emb(ids).mean(1)), torch.from_numpy(y[start:start + 4]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    state = m.state()
+    np.testing.assert_allclose(state["emb.embeddings"], t_emb.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["fc.kernel"], t_fc.weight.detach().numpy().T, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(state["emb.embeddings"][10:], table[10:]), "rows of the second batch trained"

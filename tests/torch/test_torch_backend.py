@@ -1,4 +1,5 @@
-"""What only the PyTorch backend has: torch.fx cuts of non-sequential modules, input inference."""
+"""What only the PyTorch backend has: cuts of any ``nn.Module`` by running its own forward, heads
+that size themselves, torchvision and timm models."""
 import numpy as np
 import pytest
 
@@ -31,51 +32,157 @@ class Residual(nn.Module):
 class Dynamic(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.a, self.b, self.c = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
 
     def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+        if x.sum() > 0:  # data-dependent control flow: torch.fx could not trace it
             x = self.a(x)
-        return self.b(x)
+        return self.c(self.b(x))
 
 
-def test_fx_cut_inside_a_block_keeps_the_functional_tail_and_the_names():
+class CallsLaterLayerFirst(nn.Module):
+    """Registers ``late`` before ``early`` but calls ``early`` first."""
+
+    def __init__(self):
+        super().__init__()
+        self.late, self.early = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.late(self.early(x))
+
+
+def images(n=4, c=3, size=6, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, c, size, size)).astype(np.float32)
+
+
+def test_cut_inside_a_block_runs_the_models_own_forward_and_keeps_the_names():
     torch.manual_seed(0)
     m = tl.wrap(Residual(), input_shape=(3, 6, 6))
     assert m.layers == ["stem", "layer1", "layer1.0", "layer1.1", "fc"]
     ft = tl.finetune(m, cut=tl.LayerCut(at="layer1.0"), head=tl.Head.linear(2))
     assert "layer1.1.conv.weight" not in ft.state() and "layer1.0.bn.running_mean" in ft.state()
-    x = np.random.default_rng(0).normal(size=(4, 3, 6, 6)).astype(np.float32)
+    x = images()
     with torch.no_grad():
         m.native.eval()
         expected = m.native.layer1[0](m.native.stem(torch.from_numpy(x))).mean((2, 3))
-    np.testing.assert_allclose(ft._features(x).mean((2, 3)), expected.numpy(), rtol=1e-6)  # relu(+x) included
+    np.testing.assert_allclose(ft.features(x).mean((2, 3)), expected.numpy(), rtol=1e-6)  # relu(+x) included
     snap = tl.snapshot(ft)
-    ft.fit(x, np.array([0, 1, 0, 1]), epochs=2, batch_size=2, optimizer=tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.1),
-           progress=False, cache_features=False)
+    ft.fit(x, np.array([0, 1, 0, 1]), epochs=2, batch_size=2, progress=False, cache_features=False,
+           optimizer=tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.1))
     assert tl.assert_frozen(snap, ft)
     assert "head.out.weight" in tl.changed_tensors(snap, ft.state())
 
 
-def test_untraceable_model_gets_a_clear_cut_error():
-    with pytest.raises(tl.CutError, match="torch.fx could not trace"):
-        tl.finetune(tl.wrap(Dynamic()), cut=tl.LayerCut(at="a"))
+def test_model_with_data_dependent_control_flow_is_cut_and_takes_each_branch():
+    torch.manual_seed(0)
+    m = tl.wrap(Dynamic())
+    ft = tl.finetune(m, cut=tl.LayerCut(at="b"), head=tl.Head.linear(2))
+    assert ft.layers == ["a", "b", "head", "head.pool", "head.out"]
+    x = np.array([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]], np.float32)
+    net = m.native
+    with torch.no_grad():
+        positive = net.b(net.a(torch.from_numpy(x[:1]))).numpy()
+        negative = net.b(torch.from_numpy(x[1:])).numpy()
+    np.testing.assert_allclose(ft.features(x[:1]), positive, rtol=1e-6)
+    np.testing.assert_allclose(ft.features(x[1:]), negative, rtol=1e-6)
 
 
-def test_input_shape_is_inferred_where_the_first_layer_tells():
-    assert tl.wrap(nn.Sequential(nn.Linear(5, 2))).input_shape == (5,)
-    conv = tl.wrap(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+def test_a_layer_removed_by_the_cut_but_called_before_it_is_named():
+    ft = tl.finetune(tl.wrap(CallsLaterLayerFirst()), cut=tl.LayerCut(at="late"))
+    assert ft.layers == ["late"]
+    with pytest.raises(tl.CutError, match="layer 'early' was removed by the cut at 'late'"):
+        ft.predict(np.zeros((1, 3), np.float32))
+
+
+def test_head_waits_for_its_first_batch_when_the_width_is_unknown():
+    conv = tl.wrap(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
     assert conv.input_shape == (3, None, None)
     with pytest.raises(tl.DataError, match="dimensions"):
         conv.predict(np.zeros((2, 3, 8), np.float32))
-    with pytest.raises(tl.CutError, match="input_shape"):
-        tl.finetune(conv, head=tl.Head.linear(2))
-    assert tl.finetune(conv, head=tl.Head.linear(2), input_shape=(3, 5, 5)).predict(np.zeros((1, 3, 5, 5))).shape == (1, 2)
+    ft = tl.finetune(conv, head=tl.Head.linear(2))
+    assert not ft.head_built and ft.head == "head"
+    with pytest.raises(tl.HeadNotBuiltError, match="first batch"):
+        ft.trainable_mask()
+    with pytest.raises(tl.HeadNotBuiltError, match="first batch"):
+        ft.save("unused.safetensors")
+    assert "(built on first batch)" in str(ft.summary())
+    assert ft.predict(np.zeros((1, 3, 5, 5), np.float32)).shape == (1, 2)
+    assert ft.head_built and ft.state()["head.out.weight"].shape == (2, 4)
+    assert ft.predict(np.zeros((1, 3, 9, 7), np.float32)).shape == (1, 2), "any image size after that"
+
+
+def test_given_input_shape_builds_at_once_and_is_checked():
+    ft = tl.finetune(tl.wrap(nn.Sequential(nn.Conv2d(3, 4, 3))), head=tl.Head.linear(2), input_shape=(3, 5, 5))
+    assert ft.head_built
+    with pytest.raises(tl.DataError, match=r"per-sample shape \(3, 6, 6\); the model takes \(3, 5, 5\)"):
+        ft.predict(np.zeros((1, 3, 6, 6), np.float32))
 
 
 def test_frozen_parameters_get_no_grad_and_no_optimizer_state():
-    ft = tl.finetune(tl.wrap(Residual(), input_shape=(3, 6, 6)), cut=tl.LayerCut(at="layer1"), head=tl.Head.linear(2))
-    x = np.random.default_rng(1).normal(size=(8, 3, 6, 6)).astype(np.float32)
+    ft = tl.finetune(tl.wrap(Residual()), cut=tl.LayerCut(at="layer1"), head=tl.Head.linear(2))
+    x = images(n=8, seed=1)
     ft.fit(x, np.arange(8) % 2, optimizer=tl.optim.Adam(lr=1e-2), progress=False, cache_features=False)
-    frozen = [p for n, p in ft.native.named_parameters() if not ft.trainable_mask()[n]]
+    frozen = [p for n, p in ft.native.named_parameters() if "head" not in n]
     assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
+
+
+def test_requires_grad_changed_behind_tlcores_back_is_refused_at_fit():
+    ft = tl.finetune(tl.wrap(Residual()), cut=tl.LayerCut(at="layer1"), head=tl.Head.linear(2))
+    x = images()
+    ft.predict(x)
+    ft.native.body.body.stem.weight.requires_grad_(True)
+    snap = tl.snapshot(ft)
+    with pytest.raises(tl.FreezePolicyError, match=r"requires_grad of \['stem.weight'\]"):
+        ft.fit(x, np.arange(4) % 2, progress=False)
+    assert tl.changed_tensors(snap, ft.state()) == {}
+
+
+# ---------------------------------------------------------------- torchvision and timm
+torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+
+
+def test_torchvision_resnet_without_input_shape_cut_at_layer3():
+    torch.manual_seed(0)
+    ft = tl.finetune(tl.wrap(torchvision.models.resnet18()), cut=tl.LayerCut(at="layer3"), head=tl.Head.linear(4))
+    assert [n for n in ft.layers if n.startswith("layer3")] == ["layer3", "layer3.0", "layer3.1"]
+    assert "layer4" not in ft.layers and not ft.head_built
+    x = images(n=8, size=32)
+    snap = tl.snapshot(ft)
+    hist = ft.fit(x, np.arange(8) % 4, epochs=2, batch_size=4, progress=False)
+    assert hist.info["cache_features"] == "used"
+    assert ft.state()["head.out.weight"].shape == (4, 256)
+    tl.assert_frozen(snap, ft)
+
+
+def test_torchvision_drop_last_sizes_the_head_from_the_classifier_without_data():
+    ft = tl.finetune(tl.wrap(torchvision.models.resnet18()), cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(3))
+    assert ft.head_built and ft.state()["head.out.weight"].shape == (3, 512)
+    assert ft.predict(images(n=2, size=32)).shape == (2, 3)
+    vgg = torchvision.models.vgg11()  # avgpool is 7x7, not global: the width needs data
+    assert not tl.finetune(tl.wrap(vgg), cut=tl.LayerCut(at="avgpool"), head=tl.Head.linear(3)).head_built
+
+
+timm = pytest.importorskip("timm", reason="timm is not installed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_050"])
+def test_timm_batchnormact_networks_keep_the_freeze_guarantee(name):
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, num_classes=10)
+    ft = tl.finetune(tl.wrap(net), cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(5))
+    assert ft.head_built, "timm's classifier tells the width"
+    x = images(n=8, size=64)
+    snap = tl.snapshot(ft)
+    full = ft.predict(x)
+    assert tl.changed_tensors(snap, ft.state()) == {}, "predict must not move BatchNorm statistics"
+    np.testing.assert_allclose(ft.predict(x[:2]), full[:2], rtol=1e-4, atol=1e-5)
+    ft.fit(x, np.arange(8) % 5, epochs=1, batch_size=4, progress=False, cache_features=False,
+           optimizer=tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-2))
+    tl.assert_frozen(snap, ft)
+    ft.unfreeze()
+    before = tl.snapshot(ft)
+    ft.fit(x, np.arange(8) % 5, epochs=1, batch_size=4, progress=False)
+    stats = [t.name for t in ft.tensors if t.kind == "bn_stat" and t.name.endswith("running_mean")]
+    moved = tl.changed_tensors(before, ft.state(), stats)
+    assert len(moved) == len(stats) > 10, "negative control: unfrozen BatchNorm statistics move"

@@ -1,18 +1,24 @@
-"""The conformance kit: the checks every backend must pass, public so a third-party backend can run
-them too. In a test folder::
+"""The conformance kit: the checks every backend must pass, public so that a third-party backend can
+run them too, with only its own framework installed (the references are numpy, see
+:mod:`tlcore.testing.reference`). As scikit-learn's ``parametrize_with_checks``, one test runs them
+all::
 
-    # conftest.py
-    from tlcore.testing.fixtures import backend  # noqa: F401  (parametrized over TLCORE_TEST_BACKENDS)
+    # test_conformance.py of a package that ships a backend called "mybackend"
+    from tlcore.testing import parametrize_with_checks
 
-    # test_conformance.py
-    from tlcore.testing.suite_freeze import *   # noqa: F401,F403
-    from tlcore.testing.suite_api import *      # noqa: F401,F403
-    from tlcore.testing.suite_errors import *   # noqa: F401,F403
+    @parametrize_with_checks(["mybackend"])
+    def test_conformance(backend, check):
+        check(backend)
+
+Each check is a plain function of the backend name that raises on failure; :func:`all_checks` lists
+them. A backend must provide ``Backend.reference_model(seed, variant)`` (see ``tlcore.backend``) and
+the zoo's ``resnet18``.
 
 Example:
-    >>> from tlcore.testing import reference_finetune, sample_data   # doctest: +SKIP
-    >>> ft = reference_finetune("torch")                              # doctest: +SKIP
-    >>> x, y = sample_data(ft)                                        # doctest: +SKIP
+    >>> from tlcore.testing import all_checks
+    >>> names = [c.name for c in all_checks()]
+    >>> "frozen_tensors_bit_identical[adamw_wd-all]" in names and "one_step_matches_numpy_reference[adam]" in names
+    True
 """
 from __future__ import annotations
 
@@ -22,9 +28,30 @@ import numpy as np
 
 import tlcore as tl
 
-#: the reference network's layers (see ``Backend.reference_model``) and the part a finetune keeps
+from ._kit import REGISTRY, Check
+
+#: the sequential reference network's layers (see ``Backend.reference_model``) and the part a finetune keeps
 REFERENCE_LAYERS = ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool", "dropout", "fc"]
 BASE_LAYERS = ("conv1", "bn1", "conv2", "bn2")
+CHECK_MODULES = ("checks_api", "checks_freeze", "checks_modes", "checks_numerics", "checks_errors")
+
+
+def all_checks() -> list[Check]:
+    """Every conformance check, in a stable order."""
+    import importlib
+
+    for name in CHECK_MODULES:
+        importlib.import_module(f"{__name__}.{name}")
+    return list(REGISTRY)
+
+
+def parametrize_with_checks(backends: list[str] | None = None):
+    """A ``pytest.mark.parametrize`` over ``(backend, check)`` for every check and backend (default:
+    :func:`selected_backends`), with ids ``"<backend>-<check>"``."""
+    import pytest
+
+    pairs = [(b, c) for b in (backends if backends is not None else selected_backends()) for c in all_checks()]
+    return pytest.mark.parametrize("backend, check", pairs, ids=[f"{b}-{c.name}" for b, c in pairs])
 
 
 def selected_backends() -> list[str]:
@@ -47,11 +74,26 @@ def reference_finetune(backend: str, freeze: tl.FreezePolicy | None = None, seed
                        freeze=freeze or tl.FreezePolicy.all(), seed=seed)
 
 
-def sample_data(model: tl.Model, n: int = 48, num_classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random inputs of the model's per-sample shape, with labels that depend on them."""
+def example_shape(model: tl.Model) -> tuple[int, ...]:
+    """A per-sample input shape for ``model``: its own where fully known, else the zoo's default."""
+    shape = model.input_shape
+    if shape is not None and None not in shape:
+        return tuple(shape)
+    default = model.meta.get("default_input_shape")
+    if default is None:
+        raise ValueError(f"the input shape of {model!r} is not known; give one")
+    return tuple(default)
+
+
+def sample_data(model: tl.Model, n: int = 48, num_classes: int = 3, seed: int = 0,
+                shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Random inputs of the model's per-sample shape and random labels; each class shifts its
+    inputs' mean (class ``k`` by ``k - (num_classes - 1) / 2``), which any layout and any pooling
+    keeps, so the task is learnable."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, *model.input_shape)).astype(np.float32)
-    y = (np.abs(x.reshape(n, -1)[:, :num_classes]).argmax(axis=1)).astype(np.int64)
+    y = rng.integers(0, num_classes, size=n).astype(np.int64)
+    shift = (y - (num_classes - 1) / 2).reshape(n, *[1] * len(shape or example_shape(model)))
+    x = (rng.normal(size=(n, *(shape or example_shape(model)))) + shift).astype(np.float32)
     return x, y
 
 
@@ -62,3 +104,7 @@ def layer_of(name: str) -> str:
 
 def tensor_kinds(model: tl.Model) -> dict[str, str]:
     return {t.name: t.kind for t in model.tensors}
+
+
+__all__ = ["BASE_LAYERS", "Check", "REFERENCE_LAYERS", "all_checks", "example_shape", "layer_of",
+           "parametrize_with_checks", "reference_finetune", "sample_data", "selected_backends", "tensor_kinds"]

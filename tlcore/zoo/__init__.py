@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ZooError, unknown_name_message
-from .archs import ARCHITECTURES, config_for, input_shape_for
-from .init import init_state
+from .archs import ARCHITECTURES, config_for, default_input_shape, input_shape_for
+from ..init import init_state
 
 __all__ = ["ARCHITECTURES", "PRETRAINED", "create", "names", "pretrained_tags", "init_state"]
 
@@ -69,7 +69,8 @@ def create(name: str, backend: str = "torch", num_classes: int | None = None, se
         UnknownArchitectureError, UnknownPretrainedError: the name or tag does not exist.
         tl.CheckpointError: ``weights`` is missing, corrupted or does not fit.
     """
-    from ..checkpoint import fit_state_dict, read, read_state_dict
+    from ..checkpoint import read, read_state_dict
+    from ..workflow import fit_state_dict
 
     if name not in ARCHITECTURES:
         raise UnknownArchitectureError(unknown_name_message("zoo architecture", name, names()))
@@ -110,5 +111,8 @@ def _build(name: str, backend: str, cfg: dict[str, Any]):
 
     model = get_backend(backend).zoo_model(name, cfg)
     model.input_shape = input_shape_for(name, cfg)
-    model.meta.update(arch=name, config=cfg)
+    model.meta.update(arch=name, config=cfg, default_input_shape=default_input_shape(name, cfg))
+    if name == "vit_tiny":
+        model.meta["input_hint"] = (f"vit_tiny takes images of its image_size={cfg['image_size']}; build it for "
+                                    "another size with tl.zoo.create('vit_tiny', image_size=...)")
     return model

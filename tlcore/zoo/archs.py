@@ -17,8 +17,8 @@ All BatchNorms use eps 1e-5 and momentum 0.1 (PyTorch's convention; Keras/Flax m
 Example:
     >>> config_for("small_cnn", {"in_channels": 1})["widths"]
     (16, 32, 64)
-    >>> input_shape_for("small_cnn", config_for("small_cnn", {"input_size": 32}))
-    (32, 32, 3)
+    >>> input_shape_for("small_cnn", config_for("small_cnn", {})), input_shape_for("vit_tiny", config_for("vit_tiny", {}))
+    ((None, None, 3), (32, 32, 3))
 """
 from __future__ import annotations
 
@@ -62,12 +62,22 @@ def config_for(name: str, given: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def input_shape_for(name: str, cfg: dict[str, Any]) -> tuple[int, ...]:
-    """Per-sample numpy input shape (NHWC images), the same on every backend."""
+def input_shape_for(name: str, cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    """Per-sample numpy input shape (NHWC images) the model accepts, the same on every backend:
+    convolutional models take any image size their layers allow (None), as torchvision's do;
+    ``vit_tiny`` takes only ``image_size`` (its position embedding is sized for it)."""
     if name == "mlp":
         return (cfg["in_features"],)
-    size = cfg["image_size"] if name == "vit_tiny" else cfg["input_size"]
-    return (size, size, cfg["in_channels"])
+    if name == "vit_tiny":
+        return (cfg["image_size"], cfg["image_size"], cfg["in_channels"])
+    return (None, None, cfg["in_channels"])
+
+
+def default_input_shape(name: str, cfg: dict[str, Any]) -> tuple[int, ...]:
+    """The per-sample input shape used where one size is needed (summaries): ``input_size``."""
+    if name in ("small_cnn", "resnet18"):
+        return (cfg["input_size"], cfg["input_size"], cfg["in_channels"])
+    return input_shape_for(name, cfg)
 
 
 def layer_names(name: str, cfg: dict[str, Any]) -> list[str]:

@@ -1,8 +1,10 @@
-"""Numpy initialisation of canonical (PyTorch-layout) zoo tensors, identical on every backend.
+"""Initial values in numpy, seeded by tensor name, so a zoo model or a new head starts from the same
+weights on every backend.
 
-Each tensor gets its own generator seeded by ``(seed, crc32(name))``, so the result does not depend
-on the order of the tensors. Rules, by name and shape: BatchNorm/LayerNorm scale 1, shift 0;
-running mean 0, variance 1; convolutions Kaiming-normal (fan-out, ReLU), as torchvision's ResNet;
+Each tensor gets its own generator seeded by ``(seed, crc32(name))``, so the result depends only on
+the seed, the tensor's name and its shape: not on the order of the tensors, nor on when (or on which
+backend) it is built. Tensors use PyTorch's names and layouts. Rules, by name and shape:
+BatchNorm/LayerNorm scale 1, shift 0; running mean 0, variance 1; convolutions Kaiming-normal (fan-out, ReLU), as torchvision's ResNet;
 dense weights and biases uniform in +-1/sqrt(fan_in), as ``nn.Linear``; class token and position
 embedding normal(0, 0.02), as timm.
 
