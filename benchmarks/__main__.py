@@ -1,6 +1,6 @@
 """Run the cross-framework benchmarks and write JSON, a Markdown table and a PNG chart.
 
-    python -m benchmarks                 # all installed backends, cnn + resnet18 + vit_tiny
+    python -m benchmarks                 # all installed backends, cnn + resnet18 + vit_tiny (+ a small BERT on torch)
     python -m benchmarks --quick         # a tiny run for CI: checks that everything runs
     tlcore bench --backends torch,jax
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--backends", default=",".join(tl.available_backends()))
-    p.add_argument("--workloads", default="cnn,resnet18,vit_tiny")
+    p.add_argument("--workloads", default="cnn,resnet18,vit_tiny,bert")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=8, help="batches per timed run")
     p.add_argument("--epochs", type=int, default=10, help="epochs of the end-to-end frozen fine-tune")

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 import tlcore as tl
+from tlcore.data import take
 
-from .workloads import CLIP, LR, MODES, WORKLOADS, build, data
+from .workloads import CLIP, LR, WORKLOADS, build, data
 
 
 def timed(fn) -> float:
@@ -62,15 +63,16 @@ def prepare(backend: str, native_cls, workload: str, mode: str, x: np.ndarray, y
     batch = WORKLOADS[workload].batch
     ours = build(workload, backend, mode)
     theirs = native_cls(build(workload, backend, mode), "frozen" if mode == "forward" else mode)
+    first = take(x, slice(0, batch))
     if mode == "forward":
-        first_ours = timed(lambda: ours.predict(x[:batch], batch_size=batch))
-        first_theirs = timed(lambda: theirs.forward(x[:batch], batch))
+        first_ours = timed(lambda: ours.predict(first, batch_size=batch))
+        first_theirs = timed(lambda: theirs.forward(first, batch))
         return {"tlcore": Side(lambda: ours.predict(x, batch_size=batch), 1000 * first_ours),
                 "native": Side(lambda: theirs.forward(x, batch), 1000 * first_theirs)}
     kw = fit_kwargs(mode, batch)
     hist = {}
-    first_ours = timed(lambda: hist.update(h=ours.fit(x[:batch], y[:batch], **kw)))
-    first_theirs = timed(lambda: theirs.train_epoch(x[:batch], y[:batch], batch))
+    first_ours = timed(lambda: hist.update(h=ours.fit(first, y[:batch], **kw)))
+    first_theirs = timed(lambda: theirs.train_epoch(first, y[:batch], batch))
     return {"tlcore": Side(lambda: hist.update(h=ours.fit(x, y, **kw)), 1000 * first_ours,
                            lambda: hist["h"].info["optimizer_state_bytes"]),
             "native": Side(lambda: theirs.train_epoch(x, y, batch), 1000 * first_theirs,
@@ -81,15 +83,15 @@ def measure_modes(backend: str, native_cls, workload: str, repeats: int, steps: 
     """ms per step of every mode, tlcore and native. Each repeat runs every mode once, tlcore and
     native back to back in alternating order (ABBA), so a slow spell of the machine hits both sides
     of a pair and the modes of one repeat alike; ``runs_ms[i]`` of every row is from repeat ``i``."""
-    batch = WORKLOADS[workload].batch
+    batch, modes = WORKLOADS[workload].batch, WORKLOADS[workload].modes
     x, y = data(build(workload, backend, "forward"), batch * steps)
-    sides = {mode: prepare(backend, native_cls, workload, mode, x, y) for mode in MODES}
+    sides = {mode: prepare(backend, native_cls, workload, mode, x, y) for mode in modes}
     for r in range(repeats):
-        for mode in MODES:
+        for mode in modes:
             for impl in ("tlcore", "native") if r % 2 == 0 else ("native", "tlcore"):
                 sides[mode][impl].seconds.append(timed(sides[mode][impl].run))
     rows = []
-    for mode in MODES:
+    for mode in modes:
         for impl, side in sides[mode].items():
             row = {"backend": backend, "workload": workload, "mode": mode, "impl": impl, "batch": batch,
                    "steps": steps, **summary(side.seconds, steps), "first_step_ms": side.first_step_ms}
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
         return out
     rows = []
     for workload in args.workloads.split(","):
+        if WORKLOADS[workload].backends is not None and args.backend not in WORKLOADS[workload].backends:
+            continue
         rows += measure_modes(args.backend, native_cls, workload, args.repeats, args.steps)
         # fewer end-to-end repeats: each is 10 epochs on both sides, and its speed-up is far from 1
         rows += measure_e2e(args.backend, native_cls, workload, min(7, max(1, args.repeats // 2)), args.steps,

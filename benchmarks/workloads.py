@@ -18,6 +18,10 @@ class Workload:
     arch: str
     config: dict
     batch: int = 64
+    #: the backends that have this workload (None: every backend)
+    backends: tuple[str, ...] | None = None
+    #: the modes measured; "partial" trains the last blocks and the head (see ``policy_for``)
+    modes: tuple[str, ...] = MODES
 
 
 WORKLOADS = {
@@ -26,20 +30,58 @@ WORKLOADS = {
     "resnet18": Workload("resnet18", dict(in_channels=3, input_size=32, width=16, num_classes=10)),
     "vit_tiny": Workload("vit_tiny", dict(in_channels=3, image_size=32, patch_size=4, dim=96, depth=4, heads=3,
                                           num_classes=10)),
+    # Hugging Face BertForSequenceClassification, 4 blocks of width 128, on 64 tokens; dropout off so
+    # the frozen encoder is deterministic and its features can be cached (the dropout rule)
+    "bert": Workload("hf_bert", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=512, vocab_size=1000, max_position_embeddings=128,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10),
+                     batch=32, backends=("torch",), modes=("full", "partial", "frozen", "frozen_clip", "forward")),
 }
+SEQ_LEN = 64
+#: the layers a "partial" fine-tune freezes: everything up to the block before the last two
+PARTIAL_UP_TO = {"bert": "bert.encoder.layer.1"}
 
 
-def policy_for(mode: str) -> tl.FreezePolicy:
+def policy_for(mode: str, workload: str = "") -> tl.FreezePolicy:
+    if mode == "partial":
+        return tl.FreezePolicy.up_to(PARTIAL_UP_TO[workload])
     return tl.FreezePolicy.none() if mode == "full" else tl.FreezePolicy.all()
 
 
-def build(workload: str, backend: str, mode: str, seed: int = 0) -> tl.Model:
-    """The zoo network cut before its classifier with a new linear head, frozen as ``mode`` says."""
+def base_model(workload: str, backend: str, seed: int = 0) -> tl.Model:
     w = WORKLOADS[workload]
-    base = tl.zoo.create(w.arch, backend=backend, seed=seed, **w.config)
-    return tl.finetune(base, cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(10), freeze=policy_for(mode), seed=seed)
+    if w.arch == "hf_bert":
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+
+        torch.manual_seed(seed)
+        return tl.wrap(BertForSequenceClassification(BertConfig(**w.config)))
+    return tl.zoo.create(w.arch, backend=backend, seed=seed, **w.config)
 
 
-def data(model: tl.Model, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def build(workload: str, backend: str, mode: str, seed: int = 0) -> tl.Model:
+    """The network cut before its classifier with a new linear head (the class token for BERT),
+    frozen as ``mode`` says."""
+    if WORKLOADS[workload].arch != "hf_bert":
+        return tl.finetune(base_model(workload, backend, seed), cut=tl.LayerCut(drop_last=1),
+                           head=tl.Head.linear(10), freeze=policy_for(mode, workload), seed=seed)
+    ft = tl.finetune(base_model(workload, backend, seed), cut=tl.LayerCut(at="bert"),
+                     head=tl.Head.linear(10, pool="cls"), freeze=policy_for(mode, workload), seed=seed)
+    return ft.build({"input_ids": np.ones((1, SEQ_LEN), np.int64)})  # the head is sized from one example
+
+
+def data(model: tl.Model, n: int, seed: int = 0):
+    """``(x, y)``: images of the model's input shape, or token ids and an attention mask for BERT."""
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, *example_shape(model))).astype(np.float32), rng.integers(0, 10, n).astype(np.int64)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    if example_shape_or_none(model) is None:
+        return {"input_ids": rng.integers(1, 1000, (n, SEQ_LEN)),
+                "attention_mask": np.ones((n, SEQ_LEN), np.int64)}, y
+    return rng.normal(size=(n, *example_shape(model))).astype(np.float32), y
+
+
+def example_shape_or_none(model: tl.Model):
+    try:
+        return example_shape(model)
+    except ValueError:
+        return None

@@ -52,11 +52,24 @@ def test_integers_count_top_level_layers_so_at_minus_n_plus_1_is_drop_last_n():
         TENSORS, LAYERS).mask
 
 
+def test_a_classifier_with_weightless_trailing_layers_counts_as_one_top_level_layer():
+    layers = ["conv", "pool", "dropout", "logits", "flatten", "predictions"]  # keras.applications' top
+    weighted = {"conv", "logits"}
+    assert tl.LayerCut(drop_last=1).resolve(layers, weighted) == "dropout"
+    assert tl.LayerCut(at=-2).resolve(layers, weighted) == "dropout"
+    assert tl.LayerCut(at=-1).resolve(layers, weighted) == "predictions"
+    assert tl.LayerCut(drop_last=1).resolve(layers) == "flatten", "negative control: without weights, one by one"
+    with pytest.raises(tl.CutError, match="conv.*logits\\+flatten\\+predictions"):
+        tl.LayerCut(drop_last=4).resolve(layers, weighted)
+
+
 def test_a_cut_keeps_the_children_of_a_container_it_keeps():
     from tlcore.cut import kept_layers
     assert kept_layers(LAYERS, "layer1") == ["stem", "layer1", "layer1.0", "layer1.1"]
     assert kept_layers(LAYERS, "layer1.0") == ["stem", "layer1", "layer1.0"]
     assert kept_layers(LAYERS, None) == LAYERS
+    from tlcore.cut import dropped_layers
+    assert dropped_layers(LAYERS, kept_layers(LAYERS, "layer1.0")) == ["layer1.1", "layer2", "fc"]
 
 
 def test_policy_all_freezes_the_base_never_the_head_and_keeps_rng_and_buffers_honest():
@@ -93,7 +106,7 @@ def test_head_specs():
     assert tl.Head.from_dict(tl.Head.mlp(hidden=(4,), num_classes=2, dropout=0.5).to_dict()).dropout == 0.5
     assert tl.Head.linear(np.int64(3)).num_classes == 3 and type(tl.Head.linear(np.int64(3)).num_classes) is int
     for bad in (dict(num_classes=0), dict(num_classes=True), dict(num_classes=2.0), dict(num_classes=2, hidden="8"),
-                dict(num_classes=2, activation="swish2"), dict(num_classes=2, pool="max"), dict(num_classes=2, dropout=1)):
+                dict(num_classes=2, activation="swish2"), dict(num_classes=2, pool="median"), dict(num_classes=2, dropout=1)):
         with pytest.raises(tl.HeadError):
             tl.Head(**bad)
 

@@ -5,13 +5,14 @@
 Everything that is the same on every backend lives in the core (``tlcore.model``, ``tlcore.workflow``):
 checking inputs, resolving freeze policies and cuts, planning heads and drawing their initial values,
 reusing trainers, the epoch loop, feature caching, metrics, summaries and checkpoints. A backend
-translates those decisions into its framework, through the abstract methods below; every one of them
-is called by a core code path, so none is optional.
+translates those decisions into its framework through the abstract methods below; each of them is
+called by a core code path, so none is optional. Three hooks have a default a backend may keep
+(``_verify_native`` and ``_check_inputs``: nothing to check; ``_output_shapes``: no shapes in the summary).
 
 Example:
     >>> from tlcore.backend import Backend, ModelPrimitives, Trainer
     >>> sorted(ModelPrimitives.__abstractmethods__)[:4]
-    ['_apply_freeze', '_attach_head', '_cut', '_feature_shape']
+    ['_apply_freeze', '_attach_head', '_attach_native_head', '_cut']
 """
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ class Backend(abc.ABC):
         ``nn.Module``/``keras.Model``/``nnx.Module``, not a sequential container) with layers
         ``conv1``, ``bnact1`` (a custom layer doing BatchNorm + ReLU that reads the training flag
         itself, as timm's ``BatchNormAct2d``), ``conv2``, ``bnact2``, ``pool``, ``fc`` (16->4).
+
+        ``"tokens"``: a model taking ``{"input_ids": int (N, 6), "attention_mask": (N, 6)}`` with
+        layers ``embed`` (Embedding(20, 8)) and ``proj`` (dense 8->8), whose output is token features
+        (N, 6, 8).
         """
 
     @abc.abstractmethod
@@ -75,17 +80,20 @@ class Trainer(abc.ABC):
     compilations: int = 0
 
     @abc.abstractmethod
-    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-        """Train on one batch; return (summed loss, number correct) as framework scalars."""
+    def step(self, x: Any, y: np.ndarray) -> tuple[Any, Any]:
+        """Train on one batch (an array, or a dict or tuple of arrays); return (summed loss, number
+        correct) as framework scalars."""
 
     def epoch(self, x: np.ndarray, y: np.ndarray, batches: list, on_step: Callable[[int], Any] = lambda n: None
               ) -> list[tuple[Any, Any]]:
-        """Train on ``x[b], y[b]`` for each ``b`` of ``batches`` in turn, calling ``on_step(steps
-        done)``; return each step's (summed loss, number correct). A trainer may run the whole
-        epoch in one compiled call instead."""
+        """Train on the rows ``b`` of ``x`` and ``y`` for each ``b`` of ``batches`` in turn, calling
+        ``on_step(steps done)``; return each step's (summed loss, number correct). A trainer may run
+        the whole epoch in one compiled call instead."""
+        from .data import take
+
         outs = []
         for b in batches:
-            outs.append(self.step(x[b], y[b]))
+            outs.append(self.step(take(x, b), y[b]))
             on_step(1)
         return outs
 
@@ -105,7 +113,9 @@ class Trainer(abc.ABC):
 class ModelPrimitives(abc.ABC):
     """What a backend's :class:`tlcore.Model` subclass implements (the ``_``-prefixed methods).
 
-    Conventions: ``x`` is a numpy batch in the model's own input layout; a *name* is a tlcore name
+    Conventions: ``x`` is a numpy batch in the model's own input layout: one array, a dict of arrays
+    (named inputs; call the model with them as keyword arguments where the framework does that) or a
+    tuple of arrays (positional inputs), see ``tlcore.data.as_inputs``; a *name* is a tlcore name
     (layers and tensors, dotted); ``state`` arrays are numpy copies.
     """
 
@@ -146,6 +156,11 @@ class ModelPrimitives(abc.ABC):
     def _verify_native(self) -> None:
         """Called at the start of every ``fit``: raise a named error if the native model was changed
         behind tlcore's back (e.g. its trainable flags) so that it no longer matches the mask."""
+
+    def _check_inputs(self, x: Any) -> None:
+        """Called on every ``x`` given to fit/predict/evaluate/features/build, before anything runs:
+        raise :class:`tlcore.DataError` naming what the model needs that ``x`` lacks (a named input
+        missing from a dict, an unknown one, too many positional ones). Default: nothing to check."""
 
     # ---- inference
     @abc.abstractmethod
@@ -188,6 +203,12 @@ class ModelPrimitives(abc.ABC):
         """Per-sample shape of this model's output (what a head appended now would receive), computed
         on the batch ``x``; with ``x=None``, without data where possible (a known input shape, or a
         width known statically), else None: the head then waits for the first batch."""
+
+    @abc.abstractmethod
+    def _attach_native_head(self, name: str, head: Any) -> None:
+        """Append the user's own head module (an ``nn.Module``, a Keras layer or model, an NNX module)
+        as layer ``name``, in place; it takes this model's output as it is (no pooling) and trains.
+        Raise :class:`tlcore.UnsupportedModelError` for an object of another framework."""
 
     @abc.abstractmethod
     def _attach_head(self, plan: HeadPlan, name: str, values: dict[str, np.ndarray]) -> None:

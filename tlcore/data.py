@@ -12,7 +12,8 @@ Example:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Union
 
 import numpy as np
 
@@ -59,29 +60,102 @@ def fully_known(shape) -> bool:
     return shape is not None and all(d is not None for d in shape)
 
 
-def as_inputs(x, input_shape: Sequence[int] | None = None, name: str = "x", hint: str = "") -> np.ndarray:
-    """``x`` as a float32 array, checked: not empty, finite, and of the model's per-sample shape
-    (``hint`` is added to a shape error, e.g. the zoo option that sets it)."""
+#: what models take: one array, a dict of named arrays (Keras named inputs, Hugging Face's
+#: ``input_ids``/``attention_mask``), or a tuple of arrays in input order
+Inputs = Union[np.ndarray, dict, tuple]
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A numpy view or copy of an array-like: numpy, lists, torch / TensorFlow / JAX tensors."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor (gradients are not data)
+        value = value.detach().cpu()
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # torch and TensorFlow tensors
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def _as_array(value: Any, name: str) -> np.ndarray:
+    """One input array with tlcore's dtypes: floats as float32 (and uint8 images, which are pixel
+    values), other integers as int64 (token ids stay integers), booleans as they are."""
     try:
-        arr = np.asarray(x, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{name} must be a numeric array, got {type(x).__name__}: {e}") from None
+        arr = to_numpy(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"{name} must be a numeric array, got {type(value).__name__}: {e}") from None
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise DataError(f"{name} is complex ({arr.dtype}); models take real numbers")
+    if kind not in "biuf":
+        try:
+            arr = arr.astype(np.float32)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{name} must be a numeric array, got {type(value).__name__} of dtype {arr.dtype}: "
+                            f"{e}") from None
+    elif kind == "f" or arr.dtype == np.uint8:
+        arr = arr.astype(np.float32, copy=False)
+    elif kind in "iu":
+        arr = arr.astype(np.int64, copy=False)
     if arr.ndim == 0 or arr.shape[0] == 0:
         raise DataError(f"{name} is empty (shape {arr.shape}); give at least one sample")
-    if input_shape is not None:
-        expected = (None, *input_shape)
-        if arr.ndim != len(expected):
-            raise DataError(f"{name} has {arr.ndim} dimensions (shape {arr.shape}); the model takes "
-                            f"{len(expected)}: (batch, {', '.join(map(str, input_shape))})")
-        if any(e is not None and e != a for e, a in zip(expected[1:], arr.shape[1:])):
-            raise DataError(f"{name} has per-sample shape {arr.shape[1:]}; the model takes {tuple(input_shape)}"
-                            + (f" ({hint})" if hint else ""))
-    if not np.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
+    if arr.dtype == np.float32 and not np.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
         # a finite sum proves every value finite without a mask of the whole array (4x faster); an
         # infinite one may be an overflow of finite values, so the exact check decides
         bad = int(arr.size - np.isfinite(arr).sum())
         raise DataError(f"{name} contains {bad} NaN or infinite value(s); clean or impute them first")
     return arr
+
+
+def as_inputs(x: Any, input_shape: Sequence[int | None] | None = None, name: str = "x", hint: str = "") -> Inputs:
+    """``x`` checked and converted (see :func:`_as_array`): an array, a dict of arrays or a tuple of
+    arrays (a list is one array), every array non-empty, finite where it is float, all of the same
+    length; one array is checked against the model's per-sample ``input_shape`` (``hint`` is added
+    to that error, e.g. the zoo option that sets it).
+
+    Example:
+        >>> batch = as_inputs({"input_ids": [[5, 6, 7]], "attention_mask": [[1, 1, 0]]})
+        >>> batch["input_ids"].dtype, num_samples(batch)
+        (dtype('int64'), 1)
+    """
+    if isinstance(x, Mapping):
+        if not x:
+            raise DataError(f"{name} is an empty dict; give the model's inputs by name")
+        out: Inputs = {str(k): _as_array(v, f"{name}[{k!r}]") for k, v in x.items()}
+        arrays = list(out.values())
+    elif isinstance(x, tuple):
+        if not x:
+            raise DataError(f"{name} is an empty tuple; give the model's inputs in order")
+        out = tuple(_as_array(v, f"{name}[{i}]") for i, v in enumerate(x))
+        arrays = list(out)
+    else:
+        out = _as_array(x, name)
+        arrays = [out]
+        if input_shape is not None:
+            expected = (None, *input_shape)
+            if out.ndim != len(expected):
+                raise DataError(f"{name} has {out.ndim} dimensions (shape {out.shape}); the model takes "
+                                f"{len(expected)}: (batch, {', '.join(map(str, input_shape))})")
+            if any(e is not None and e != a for e, a in zip(expected[1:], out.shape[1:])):
+                raise DataError(f"{name} has per-sample shape {out.shape[1:]}; the model takes {tuple(input_shape)}"
+                                + (f" ({hint})" if hint else ""))
+    lengths = {len(a) for a in arrays}
+    if len(lengths) > 1:
+        sizes = {k: len(v) for k, v in out.items()} if isinstance(out, dict) else [len(a) for a in arrays]
+        raise DataError(f"the arrays of {name} have different lengths: {sizes}; every input needs one row per sample")
+    return out
+
+
+def num_samples(x: Inputs) -> int:
+    """The number of samples (rows) of an array, dict or tuple of arrays."""
+    first = next(iter(x.values())) if isinstance(x, dict) else x[0] if isinstance(x, tuple) else x
+    return len(first)
+
+
+def take(x: Inputs, index: slice | np.ndarray) -> Inputs:
+    """The rows ``index`` (a slice: no copy; or indices) of every array of ``x``."""
+    if isinstance(x, dict):
+        return {k: v[index] for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(v[index] for v in x)
+    return x[index]
 
 
 def as_targets(y, n: int, loss: str, num_outputs: int | None, name: str = "y") -> np.ndarray:

@@ -147,7 +147,8 @@ class FreezePolicy:
         """
         base = [t for t in tensors if not (head and in_layer(t.layer, head))]
         layers = list(layers)
-        last = self._up_to_index(layers) if self.mode == "up_to" else -1
+        weighted = {t.layer.split(".")[0] for t in tensors if t.kind in ("param", "bn_param") and t.layer}
+        last = self._up_to_index(layers, weighted) if self.mode == "up_to" else -1
         order = {name: i for i, name in enumerate(layers)}
         selected = {t.name for t in base if self._selects(t, layers, order, last)}
         if self.mode in ("up_to", "matching") and not selected:
@@ -177,9 +178,9 @@ class FreezePolicy:
             return True  # root tensors (e.g. a class token) come before every layer
         return order.get(t.layer, len(layers)) <= last or in_layer(t.layer, layers[last])
 
-    def _up_to_index(self, layers: list[str]) -> int:
+    def _up_to_index(self, layers: list[str], weighted: set[str]) -> int:
         if not isinstance(self.target, str):
-            return layers.index(top_level_layer(layers, self.target, "FreezePolicy.up_to"))
+            return layers.index(top_level_layer(layers, self.target, "FreezePolicy.up_to", weighted))
         if self.target not in layers:
             raise LayerNotFoundError(unknown_name_message("layer", self.target, layers))
         return layers.index(self.target)

@@ -32,7 +32,12 @@ import numpy as np
 from .errors import TlcoreError
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
-POOLS = ("avg", "flatten")
+#: ``avg``: mean over every axis but the channels (images: global average pooling; tokens: the mean
+#: of all tokens); ``flatten``; ``max``: the max over the same axes (honouring the attention mask on
+#: tokens); ``mean``: the mean of the tokens the attention mask keeps; ``cls``: the first token;
+#: ``last``: the last token the attention mask keeps (the last one without a mask)
+POOLS = ("avg", "flatten", "max", "mean", "cls", "last")
+TOKEN_POOLS = ("mean", "cls", "last")
 
 
 class HeadError(TlcoreError, ValueError):
@@ -154,12 +159,49 @@ def pooled_width(feature_shape: Sequence[int | None], pool: str, channels_last: 
 def plan_head(spec: Head, feature_shape: Sequence[int | None], channels_last: bool) -> HeadPlan | None:
     """The :class:`HeadPlan` of ``spec`` on features of per-sample ``feature_shape``; None when the
     width cannot be known from it (the head is then built on the first batch)."""
+    if spec.pool in TOKEN_POOLS and len(feature_shape) not in (1, 2):
+        raise HeadError(f"pool={spec.pool!r} takes token features (tokens, dims) per sample, but the features "
+                        f"before the head have shape {tuple(feature_shape)}; use pool='avg', 'max' or 'flatten'")
     width = pooled_width(feature_shape, spec.pool, channels_last)
     if width is None:
         return None
     if width < 1:
         raise HeadError(f"the features before the head have shape {tuple(feature_shape)}: nothing to pool")
     return HeadPlan(spec, width, tuple(feature_shape))
+
+
+def pool_reference(x: np.ndarray, pool: str, mask: np.ndarray | None = None, channels_last: bool = True) -> np.ndarray:
+    """What every backend's head computes in its ``pool`` layer, in numpy (float64): ``x`` is a batch
+    of features, ``mask`` an optional (batch, tokens) attention mask (1 = a real token) for token
+    features (batch, tokens, dims).
+
+    Example:
+        >>> x = np.arange(12.0).reshape(1, 3, 4)            # one sequence of 3 tokens, 4 dims
+        >>> mask = np.array([[1, 1, 0]])                      # the third token is padding
+        >>> pool_reference(x, "mean", mask).tolist(), pool_reference(x, "last", mask).tolist()
+        ([[2.0, 3.0, 4.0, 5.0]], [[4.0, 5.0, 6.0, 7.0]])
+        >>> pool_reference(x, "cls").tolist(), pool_reference(x, "max", mask).tolist()
+        ([[0.0, 1.0, 2.0, 3.0]], [[4.0, 5.0, 6.0, 7.0]])
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim <= 2:
+        return x
+    if pool == "flatten":
+        return x.reshape(len(x), -1)
+    if x.ndim == 3:  # tokens
+        m = np.ones(x.shape[:2]) if mask is None else np.asarray(mask, np.float64)
+        if pool == "cls":
+            return x[:, 0]
+        if pool == "last":
+            idx = x.shape[1] - 1 - np.argmax(m[:, ::-1] > 0, axis=1)
+            return x[np.arange(len(x)), idx]
+        if pool == "max":
+            return np.where(m[..., None] > 0, x, -np.inf).max(axis=1)
+        if pool == "mean":
+            return (x * m[..., None]).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)[:, None]
+        return x.mean(axis=1)
+    axes = tuple(range(1, x.ndim - 1)) if channels_last else tuple(range(2, x.ndim))
+    return x.max(axis=axes) if pool == "max" else x.mean(axis=axes)
 
 
 def initial_values(plan: HeadPlan, seed: int) -> dict[str, np.ndarray]:

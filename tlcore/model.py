@@ -24,10 +24,10 @@ import numpy as np
 from . import data
 from .backend import ModelPrimitives, Trainer
 from .cut import in_layer
-from .errors import CheckpointError, TlcoreError
+from .errors import CheckpointError, OptimizerConfigError, TlcoreError, unknown_name_message
 from .freeze import FreezePolicy, Resolved, TensorInfo
 from .head import Head, HeadPlan, initial_values, plan_head
-from .optim import Adam, OptimizerSpec, TrainSpec, check_loss
+from .optim import PRECISIONS, Adam, OptimizerSpec, TrainSpec, check_loss
 
 log = logging.getLogger("tlcore")
 
@@ -240,6 +240,12 @@ class Model(ModelPrimitives):
         else:
             log.info("head %r is built on the first batch (feature shape %s)", name, shape)
 
+    def _attach_native(self, head: Any, name: str) -> None:
+        """Attach the user's own head module as layer ``name`` (see ``_attach_native_head``)."""
+        self._attach_native_head(name, head)
+        self._head, self._infos, self.head_spec = name, None, None
+        self.freeze(self.policy)
+
     def _build_head(self, plan: HeadPlan) -> None:
         pending = self._pending
         self._attach_head(plan, pending.name, initial_values(plan, pending.seed))
@@ -266,19 +272,25 @@ class Model(ModelPrimitives):
             if any(d is None for d in shape):
                 raise data.DataError(f"build(input_shape=...) needs every size, got {shape}")
             x = np.zeros((1, *shape), np.float32)
-        self._ensure_head(data.as_inputs(x, self.input_shape))
+        self._ensure_head(self._inputs(x))
         return self
 
     def _ensure_head(self, x: np.ndarray) -> None:
         if self._pending is None:
             return
-        shape = self._feature_shape(x[:1])
+        shape = self._feature_shape(data.take(x, slice(0, 1)))
         plan = plan_head(self._pending.spec, shape, self.channels_last)
         if plan is None:  # cannot happen for a real batch: every size is known
             raise data.DataError(f"cannot size the head from features of shape {shape}")
         self._build_head(plan)
 
     # ------------------------------------------------------------------ inference
+    def _inputs(self, x: Any, name: str = "x") -> data.Inputs:
+        """``x`` checked and converted (``tlcore.data.as_inputs``), and checked against what the model takes."""
+        x = data.as_inputs(x, self.input_shape, name, hint=self.meta.get("input_hint", ""))
+        self._check_inputs(x)
+        return x
+
     def _num_outputs(self) -> int | None:
         if self.head_spec is not None:
             return self.head_spec.num_classes
@@ -290,27 +302,29 @@ class Model(ModelPrimitives):
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Inference-mode outputs (logits for classifiers); numpy in, numpy out."""
-        x = data.as_inputs(x, self.input_shape, hint=self.meta.get("input_hint", ""))
+        x = self._inputs(x)
         batch_size = data.check_positive_int("batch_size", batch_size)
         self._ensure_head(x)
         return self._predict_batches(x, batch_size)
 
     def _predict_batches(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         """:meth:`_forward` over batches (a backend may prepare once for all of them)."""
-        return np.concatenate([np.asarray(self._forward(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+        n = data.num_samples(x)
+        return np.concatenate([np.asarray(self._forward(data.take(x, slice(i, i + batch_size))))
+                               for i in range(0, n, batch_size)])
 
     def evaluate(self, x, y, batch_size: int = 256, loss: str | None = None) -> dict[str, float]:
         """``{"loss": ..., "accuracy": ...}`` (accuracy for classification losses only)."""
         loss = check_loss(loss or self._loss)
-        x = data.as_inputs(x, self.input_shape, hint=self.meta.get("input_hint", ""))
-        y = data.as_targets(y, len(x), loss, self._num_outputs())
+        x = self._inputs(x)
+        y = data.as_targets(y, data.num_samples(x), loss, self._num_outputs())
         return data.loss_and_metrics(self.predict(x, batch_size), y, loss)
 
     # ------------------------------------------------------------------ training
     def fit(self, x, y, epochs: int = 1, batch_size: int = 32, optimizer: OptimizerSpec | None = None,
             loss: str = "cross_entropy", validation_data: tuple | None = None, shuffle: bool = True,
             seed: int = 0, clip_grad_norm: float | None = None, progress: bool = True,
-            cache_features: bool | str = "auto") -> History:
+            cache_features: bool | str = "auto", precision: str = "float32") -> History:
         """Train the trainable tensors; frozen ones stay bit-identical.
 
         Args:
@@ -320,6 +334,9 @@ class Model(ModelPrimitives):
             cache_features: ``"auto"`` computes the frozen part's features once and trains only the
                 head when that gives the same result (everything before the head frozen, no active
                 dropout there); ``True`` insists (error if not possible); ``False`` never caches.
+            precision: ``"float32"``, or mixed precision ``"bfloat16"`` / ``"float16"`` with each
+                framework's own mechanism (torch autocast, a Keras dtype policy, the JAX computation's
+                dtype); weights stay float32 (frozen ones bit-identical, as always).
 
         Example:
             >>> hist = ft.fit(x, y, epochs=2, optimizer=tl.optim.SGD(lr=0.1, momentum=0.9))  # doctest: +SKIP
@@ -333,19 +350,21 @@ class Model(ModelPrimitives):
         seed = data.check_seed(seed)
         if clip_grad_norm is not None and not (np.isfinite(clip_grad_norm) and clip_grad_norm > 0):
             raise data.DataError(f"clip_grad_norm must be a finite number > 0 or None, got {clip_grad_norm!r}")
+        if precision not in PRECISIONS:
+            raise OptimizerConfigError(unknown_name_message("precision", precision, PRECISIONS))
         if cache_features not in ("auto", True, False):
             raise data.DataError(f"cache_features must be 'auto', True or False, got {cache_features!r}")
-        hint = self.meta.get("input_hint", "")
-        x = data.as_inputs(x, self.input_shape, hint=hint)
-        y = data.as_targets(y, len(x), loss, self._num_outputs())
+        x = self._inputs(x)
+        y = data.as_targets(y, data.num_samples(x), loss, self._num_outputs())
         val = None
         if validation_data is not None:
-            xv = data.as_inputs(validation_data[0], self.input_shape, "validation x", hint=hint)
-            val = (xv, data.as_targets(validation_data[1], len(xv), loss, self._num_outputs(), "validation y"))
+            xv = self._inputs(validation_data[0], "validation x")
+            val = (xv, data.as_targets(validation_data[1], data.num_samples(xv), loss, self._num_outputs(),
+                                       "validation y"))
         self._ensure_head(x)
         self._verify_native()
         self._loss = loss
-        spec = TrainSpec(optimizer, loss, clip_grad_norm, seed)
+        spec = TrainSpec(optimizer, loss, clip_grad_norm, seed, precision)
 
         refusal = self._cache_refusal() if cache_features else ""
         if cache_features is True and refusal:
@@ -379,15 +398,16 @@ class Model(ModelPrimitives):
         trainer = self._trainer(spec)
         rng = np.random.default_rng(spec.seed)
         hist = History()
-        steps = -(-len(x) // batch_size)
+        n = data.num_samples(x)
+        steps = -(-n // batch_size)
         bar = tqdm(total=epochs * steps, disable=None if progress else True,  # None: no bar without a TTY
                    unit="step", leave=False, desc=f"fit [{self.backend}]")
         try:
             for _ in range(epochs):
-                outs = trainer.epoch(x, y, list(data.batch_slices(len(x), batch_size, shuffle, rng)), bar.update)
-                metrics = {"loss": sum(float(o[0]) for o in outs) / len(x)}
+                outs = trainer.epoch(x, y, list(data.batch_slices(n, batch_size, shuffle, rng)), bar.update)
+                metrics = {"loss": sum(float(o[0]) for o in outs) / n}
                 if spec.loss != "mse":
-                    metrics["accuracy"] = sum(float(o[1]) for o in outs) / len(x)
+                    metrics["accuracy"] = sum(float(o[1]) for o in outs) / n
                 if val is not None:
                     trainer.finish()
                     metrics.update({f"val_{k}": v for k, v in
@@ -427,7 +447,7 @@ class Model(ModelPrimitives):
     def features(self, x, batch_size: int = FEATURE_BATCH) -> np.ndarray:
         """The head's input for ``x`` (inference mode): ``head_model().predict(features(x))`` equals
         ``predict(x)``."""
-        x = data.as_inputs(x, self.input_shape, hint=self.meta.get("input_hint", ""))
+        x = self._inputs(x)
         self._ensure_head(x)
         return self._batched_features(x, data.check_positive_int("batch_size", batch_size))
 
@@ -442,8 +462,8 @@ class Model(ModelPrimitives):
     def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
         """The head's input for ``x``, computed ``batch_size`` samples at a time (a backend may prepare
         once for all batches)."""
-        return np.concatenate([np.asarray(self._features(x[i:i + batch_size]))
-                               for i in range(0, len(x), batch_size)])
+        return np.concatenate([np.asarray(self._features(data.take(x, slice(i, i + batch_size))))
+                               for i in range(0, data.num_samples(x), batch_size)])
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:

@@ -26,6 +26,8 @@ from typing import ClassVar
 from .errors import OptimizerConfigError, unknown_name_message
 
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
+#: the compute precisions of a training step; weights (the master copy) stay float32
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def check_loss(loss: str) -> str:
@@ -147,4 +149,7 @@ class TrainSpec:
     loss: str = "cross_entropy"
     clip_grad_norm: float | None = None
     seed: int = 0
+    #: compute dtype of the forward and backward pass (mixed precision); weights and optimizer state
+    #: stay float32, and the loss is computed in float32
+    precision: str = "float32"
     extras: tuple = field(default=())

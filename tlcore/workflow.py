@@ -44,7 +44,7 @@ def wrap(native: Any, backend: str | None = None, input_shape: tuple[int | None,
     return impl.wrap(native, input_shape=input_shape)
 
 
-def finetune(model: Any, cut: LayerCut | None = None, head: Head | None = None,
+def finetune(model: Any, cut: LayerCut | None = None, head: Head | Any = None,
              freeze: FreezePolicy | None = None, input_shape: tuple[int, ...] | None = None,
              seed: int = 0) -> Model:
     """Cut ``model``, attach ``head`` and apply ``freeze`` (default: freeze all that is kept).
@@ -57,27 +57,37 @@ def finetune(model: Any, cut: LayerCut | None = None, head: Head | None = None,
     Args:
         model: a :class:`Model` or a native model (wrapped first).
         cut: where to cut (default: keep everything).
-        head: the new head (default: none, e.g. to fine-tune the model as it is).
+        head: the new head: a :class:`tl.Head` spec, or your own head module of the model's framework
+            (it takes the cut model's output as it is, trains, and is saved with the model); default
+            none, e.g. to fine-tune the model as it is.
         freeze: what to freeze of the kept part (default ``FreezePolicy.all()``).
         input_shape: per-sample input shape; optional, checked against the data when given.
         seed: seeds the head's initial weights.
     """
-    for value, kind, name in ((cut, LayerCut, "cut"), (head, Head, "head"), (freeze, FreezePolicy, "freeze")):
+    for value, kind, name in ((cut, LayerCut, "cut"), (freeze, FreezePolicy, "freeze")):
         if value is not None and not isinstance(value, kind):
             raise TypeError(f"finetune({name}=...) takes a tl.{kind.__name__}, got {type(value).__name__}")
     seed = data.check_seed(seed)
     input_shape = data.check_input_shape(input_shape)
     model = wrap(model)
     model._require_head("a cut")
-    last = (cut or LayerCut()).resolve(model.layers)
+    weighted = {t.layer.split(".")[0] for t in model.tensors if t.kind in ("param", "bn_param") and t.layer}
+    last = (cut or LayerCut()).resolve(model.layers, weighted)
     kept = model._cut(last, kept_layers(model.layers, last))
     if input_shape is not None:
         kept.input_shape = input_shape
-    step = {"cut": last, "head": head.to_dict() if head else None, "head_name": None}
+    native_head = head is not None and not isinstance(head, Head)
+    step = {"cut": last, "head": head.to_dict() if isinstance(head, Head) else None, "head_name": None,
+            "native_head": native_head}
     kept.meta = {**model.meta, "steps": [*model.meta.get("steps", []), step]}
     if head is not None:
-        step["head_name"] = next(n for n in ("head", *(f"head_{i}" for i in range(1, 100))) if n not in kept.layers)
-        kept._request_head(head, step["head_name"], seed)
+        # a name no layer of the original uses (a layer removed by the cut may still be an attribute)
+        taken = set(model.layers) | set(kept.layers) | {t.name.split(".")[0] for t in kept._base_tensors()}
+        step["head_name"] = next(n for n in ("head", *(f"head_{i}" for i in range(1, 100))) if n not in taken)
+        if native_head:
+            kept._attach_native(head, step["head_name"])
+        else:
+            kept._request_head(head, step["head_name"], seed)
     return kept.freeze(freeze or FreezePolicy.all())
 
 
@@ -111,12 +121,13 @@ def fit_state_dict(model: Model, arrays: dict[str, np.ndarray]) -> dict[str, np.
     return {k: arrays[k] for k in current if k in arrays}
 
 
-def load(path: str | os.PathLike, backend: str | None = None, model: Any = None) -> Model:
+def load(path: str | os.PathLike, backend: str | None = None, model: Any = None, head: Any = None) -> Model:
     """Restore a saved model on ``backend`` (default: the one it was saved from).
 
     Zoo models (fine-tuned ones included: cut, head and policy are replayed) load on any backend.
-    A wrapped native model is rebuilt from ``model``, the same native architecture, on its backend.
-    Nothing is returned unless every tensor fits.
+    A wrapped native model is rebuilt from ``model``, the same native architecture, on its backend;
+    a model fine-tuned with your own head module needs that module again as ``head`` (its weights
+    come from the file). Nothing is returned unless every tensor fits.
 
     Raises:
         tl.CheckpointError (and its subclasses): missing, corrupted, foreign or mismatched files.
@@ -133,11 +144,16 @@ def load(path: str | os.PathLike, backend: str | None = None, model: Any = None)
         raise CheckpointError(f"{str(path)!r} holds a wrapped {meta['backend']} model that is not from the zoo; "
                               f"pass the same architecture as tl.load(path, model=<native {meta['backend']} model>)")
     for step in meta.get("steps", []):
-        head = Head.from_dict(step["head"]) if step["head"] else None
-        base = finetune(base, cut=LayerCut(at=step["cut"]) if step["cut"] else None, head=head,
+        spec = Head.from_dict(step["head"]) if step["head"] else None
+        if step.get("native_head"):
+            if head is None:
+                raise CheckpointError(f"{str(path)!r} was fine-tuned with its own head module; pass the same "
+                                      "architecture as tl.load(path, model=..., head=<native head module>)")
+            spec = head
+        base = finetune(base, cut=LayerCut(at=step["cut"]) if step["cut"] else None, head=spec,
                         freeze=FreezePolicy.none(), input_shape=meta.get("input_shape"))
         if not base.head_built:  # sized from the recorded width, not from data
-            base._build_head(HeadPlan(head, int(step["head_width"])))
+            base._build_head(HeadPlan(spec, int(step["head_width"])))
     base.load_state(fit_state_dict(base, tensors))
     base.freeze(FreezePolicy.from_dict(meta["policy"]))
     return base

@@ -2,7 +2,7 @@
 
 Importing this package does not import JAX; ``backend.py`` does, when the registry first asks for
 it. The building blocks for models that tlcore can cut (:class:`NamedSequential`, :class:`Pool`,
-:class:`Activation`) are loaded on first access.
+:class:`Activation`) and tlcore's heads (:class:`HeadModule`) are loaded on first access.
 
 Example:
     >>> from tlcore_jax import SPEC
@@ -18,7 +18,7 @@ from tlcore.registry import BackendSpec
 SPEC = BackendSpec(name="jax", target="tlcore_jax.backend:JaxBackend", requires=("jax", "flax", "optax"),
                    roots=("flax",))
 
-_LAZY = {"NamedSequential", "Pool", "Activation"}
+_LAZY = {"NamedSequential", "Pool", "Activation", "HeadModule"}
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,8 @@ from .model import JaxModel
 
 class BatchNormAct(nnx.Module):
     """BatchNorm then ReLU in one custom module that reads its own ``use_running_average`` flag (the
-    conformance suite's "custom" reference uses it); PyTorch's update rule, momentum 0.1."""
+    conformance suite's "custom" reference uses it); PyTorch's update rule, momentum 0.1; statistics
+    in float32 and the output in the input's dtype (mixed precision)."""
 
     def __init__(self, features: int):
         self.scale, self.bias = nnx.Param(jnp.ones((features,))), nnx.Param(jnp.zeros((features,)))
@@ -30,14 +31,16 @@ class BatchNormAct(nnx.Module):
         self.use_running_average = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
-            mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+            mean, var = xs.mean(axis=(0, 1, 2)), xs.var(axis=(0, 1, 2))
             n = x.size // x.shape[-1]
             self.mean.set_value(0.9 * self.mean[...] + 0.1 * jax.lax.stop_gradient(mean))
             self.var.set_value(0.9 * self.var[...] + 0.1 * jax.lax.stop_gradient(var) * n / (n - 1))
-        return jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...] + self.bias[...])
+        y = jax.nn.relu((xs - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...] + self.bias[...])
+        return y.astype(x.dtype)
 
 
 class CustomNet(nnx.Module):
@@ -51,6 +54,24 @@ class CustomNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.bnact2(self.conv2(self.bnact1(self.conv1(x))))
         return self.fc(self.pool(x))
+
+
+class TokenNet(nnx.Module):
+    """Token features from token ids, taken as keyword inputs as a dict batch gives them:
+    ``embed`` (20 ids -> 8 dims) then ``proj`` (8 -> 8), (N, T) ids -> (N, T, 8). It accepts an
+    ``attention_mask`` (for a head's pooling) and does not use it itself."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(20, 8, rngs=rngs)
+        self.proj = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        return self.proj(self.embed(input_ids))
+
+
+#: what the "tokens" reference takes: one sample of 6 token ids and its attention mask
+TOKENS_EXAMPLE = {"input_ids": jax.ShapeDtypeStruct((1, 6), jnp.int32),
+                  "attention_mask": jax.ShapeDtypeStruct((1, 6), jnp.int32)}
 
 
 class JaxBackend(Backend):
@@ -75,7 +96,9 @@ class JaxBackend(Backend):
         return JaxModel(BUILDERS[name](config), canonical=True)
 
     def reference_model(self, seed: int = 0, variant: str = "sequential") -> JaxModel:
-        """The conformance suite's reference network on (8, 8, 3) NHWC images.
+        """The conformance suite's reference network on (8, 8, 3) NHWC images (``"sequential"``,
+        ``"custom"``), or on token ids (``"tokens"``: a dict batch of ``input_ids`` and
+        ``attention_mask`` (N, 6), see :class:`TokenNet`).
 
         BatchNorm uses ``momentum=0.9`` (Flax's convention: the weight of the old statistic), which is
         PyTorch's default ``momentum=0.1``.
@@ -83,6 +106,10 @@ class JaxBackend(Backend):
         rngs = nnx.Rngs(params=seed, dropout=seed)
         if variant == "custom":
             return JaxModel(CustomNet(rngs), input_shape=(8, 8, 3))
+        if variant == "tokens":
+            return JaxModel(TokenNet(rngs), example_input=TOKENS_EXAMPLE)
+        if variant != "sequential":
+            raise ValueError(f"unknown reference variant {variant!r}; valid: 'sequential', 'custom', 'tokens'")
         net = NamedSequential(
             conv1=nnx.Conv(3, 8, (3, 3), padding="SAME", rngs=rngs),
             bn1=nnx.BatchNorm(8, momentum=0.9, rngs=rngs),

@@ -4,7 +4,15 @@ appending a head.
 Sequential containers (``nnx.Sequential``, :class:`~tlcore_jax.layers.NamedSequential`) run their
 layers in order, so a cut inside a chain of them slices them. Any other module is cut by running its
 own ``__call__`` and stopping when the layer to cut at returns (:class:`CutAt`): whatever Python the
-module runs works; the layers after the cut (in definition order) are replaced by :class:`Dropped`.
+module runs works; the layers after the cut are replaced by :class:`Dropped`.
+
+Layers are listed in forward order: a container before its children, and the submodules of a module
+that is not sequential in the order its ``__call__`` first calls them when an example input is known
+(:func:`call_order`, one abstract run), else in definition order.
+
+Inputs reach a module as they are given: one array, positional arrays (a tuple) or keyword arrays (a
+dict, e.g. ``input_ids`` and ``attention_mask``); a head built by tlcore also receives the
+``attention_mask`` keyword input, for its pooling.
 
 Names: module paths joined by dots, except that the ``layers`` list of an ``nnx.Sequential`` and the
 ``body`` of :class:`WithHead` and :class:`CutAt` are left out, so the children of
@@ -21,17 +29,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from flax import nnx
 
 from tlcore.errors import CutError
 
-from .layers import CanonicalLinear, NamedSequential, Pool
+from .layers import CanonicalLinear, HeadModule, NamedSequential, Pool, run_chain
 
 Path = tuple  # a native NNX path: attribute names and list indices
 
 
 class WithHead(nnx.Module):
-    """``head(body(x))``: a head appended to a module that is not a sequential container.
+    """``head(body(...))``: a head appended to a module that is not a sequential container. The body
+    takes the inputs as given; a head built by tlcore (:class:`HeadModule`) also takes the
+    ``attention_mask`` keyword input, when there is one.
 
     Example:
         >>> model = WithHead(my_module, "head", head)   # doctest: +SKIP
@@ -46,8 +57,12 @@ class WithHead(nnx.Module):
     def head_name(self) -> str:
         return self._head_name
 
-    def __call__(self, x: Any) -> Any:
-        return getattr(self, self._head_name)(self.body(x))
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        features = self.body(*args, **kwargs)
+        head = getattr(self, self._head_name)
+        if isinstance(head, HeadModule):
+            return head(features, mask=kwargs.get("attention_mask"))
+        return head(features)
 
 
 class _Captured(BaseException):
@@ -85,14 +100,14 @@ class CutAt(nnx.Module):
         self.body = body
         self._target, self._call = tuple(target), int(call)
 
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         parent = get_path(self.body, self._target[:-1])
         seg = self._target[-1]
         layer = get_path(parent, (seg,))
         capture = _Capture(layer, self._call)
         set_path(parent, seg, capture)
         try:
-            self.body(x)
+            self.body(*args, **kwargs)
         except _Captured as captured:
             return captured.value
         finally:
@@ -147,7 +162,12 @@ def sequence(module: object) -> list[tuple[str, Path, Any]] | None:
 
 def _children(module: object) -> list[tuple[str, Path, Any]]:
     """Direct sublayers for listing: a container's layers, a list's or dict's items, or a module's
-    submodules in definition order; a wrapper's body stands in its place."""
+    submodules in definition order; a wrapper's body stands in its place; layers a cut removed
+    (:class:`Dropped`) are left out."""
+    return [entry for entry in _all_children(module) if not isinstance(entry[2], Dropped)]
+
+
+def _all_children(module: object) -> list[tuple[str, Path, Any]]:
     seq = sequence(module)
     if seq is not None:
         return seq
@@ -238,7 +258,7 @@ def _slice(module: object, last: str) -> nnx.Module:
         kept.append((name, layer))
     if isinstance(module, nnx.Sequential):
         return nnx.Sequential(*[layer for _, layer in kept])
-    return NamedSequential(kept)
+    return (HeadModule if isinstance(module, HeadModule) else NamedSequential)(kept)
 
 
 def cut_module(module: nnx.Module, last: str | None, dropped: list[str] = ()) -> nnx.Module:
@@ -277,22 +297,25 @@ def static_width(last: object, after: object) -> int | None:
     return after.in_features if pooled and isinstance(after, (nnx.Linear, CanonicalLinear)) else None
 
 
-def run_until(module: nnx.Module, stop: str) -> Callable[[Any], Any]:
-    """A function running ``module`` on its input up to (not including) the top-level layer ``stop``."""
+def top_layer(module: nnx.Module, name: str) -> Any:
+    """The top-level layer ``name`` of a sequential container or of a :class:`WithHead`."""
+    if isinstance(module, WithHead) and module.head_name == name:
+        return getattr(module, name)
+    for n, _, layer in sequence(module) or ():
+        if n == name:
+            return layer
+    raise CutError(f"{name!r} is not a top-level layer of this {type(module).__name__}")
+
+
+def run_until(module: nnx.Module, stop: str) -> Callable[..., Any]:
+    """A function running ``module`` on its inputs up to (not including) the top-level layer ``stop``."""
     if isinstance(module, WithHead) and module.head_name == stop:
         return module.body
     seq = sequence(module)
     if seq is None or stop not in [n for n, _, _ in seq]:
         raise CutError(f"{stop!r} is not a top-level layer of this {type(module).__name__}")
-
-    def run(x: Any) -> Any:
-        for name, _, layer in seq:
-            if name == stop:
-                return x
-            x = layer(x)
-        return x
-
-    return run
+    before = [layer for _, _, layer in seq[:[n for n, _, _ in seq].index(stop)]]
+    return lambda *args, **kwargs: run_chain(before, args, kwargs)
 
 
 def trace_shapes(module: object, x: Any, prefix: str, shapes: dict[str, tuple]) -> Any:
@@ -317,3 +340,67 @@ def trace_shapes(module: object, x: Any, prefix: str, shapes: dict[str, tuple]) 
 def _record(shapes: dict[str, tuple], name: str, out: Any) -> None:
     if hasattr(out, "shape"):
         shapes[name] = tuple(out.shape[1:])
+
+
+# ---------------------------------------------------------------------------- call order
+class _Recorder:
+    """Stands in for a layer during one abstract run of :func:`call_order`: notes the first call of
+    ``name``, then runs the layer (and reads its attributes) as the layer itself."""
+
+    def __init__(self, layer: Callable, name: str, seen: dict[str, int]):
+        self._layer, self._name, self._seen = layer, name, seen
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._seen.setdefault(self._name, len(self._seen))
+        return self._layer(*args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._layer, attr)
+
+
+def call_order(module: nnx.Module, example: Any, forward: Callable[[Callable, Any], Any],
+               prepare: Callable[[nnx.Module], None] = lambda m: None) -> list[str] | None:
+    """The layers of ``module`` (see :func:`layer_entries`) in the order ``forward(module, example)``
+    first calls them, found in one abstract run (``jax.eval_shape``: nothing is computed, ``module``
+    is not changed; ``prepare`` sets the run's modes first): a container before its children (one
+    that is iterated, not called, such as an ``nnx.List``, just before its first child), layers never
+    called last. None when the run fails (the caller keeps the definition order).
+
+    Example:
+        >>> call_order(net, jax.ShapeDtypeStruct((1, 4), jnp.float32), lambda m, x: m(x))   # doctest: +SKIP
+        ['encoder', 'dropout', 'fc']
+    """
+    names = [name for name, _, _ in layer_entries(module)]
+    seen: dict[str, int] = {}
+
+    def run(copy: nnx.Module, x: Any) -> Any:
+        prepare(copy)
+        for name, path, layer in reversed(layer_entries(copy)):  # children first, then their containers
+            if callable(layer):
+                set_path(get_path(copy, path[:-1]), path[-1], _Recorder(layer, name, seen))
+        return forward(copy, x)
+
+    try:
+        jax.eval_shape(run, module, example)
+    except Exception:  # noqa: BLE001 - any failure only means that the order cannot be known this way
+        return None
+    first: dict[str, float] = dict(seen)
+    for name in names:
+        inner = [first[n] for n in seen if n.startswith(name + ".")]
+        if name not in first and inner:
+            first[name] = min(inner) - 0.5
+    rank = {name: i for i, name in enumerate(names)}
+    return sorted(names, key=lambda n: (first.get(n, len(names) + rank[n]), rank[n]))
+
+
+def entry_layer(module: Any) -> Any:
+    """The callable that receives a module's inputs: the module itself, or for a wrapper its body and
+    for a sequential container its first layer (followed down)."""
+    while True:
+        if isinstance(module, WRAPPERS):
+            module = module.body
+            continue
+        seq = sequence(module)
+        if not seq:
+            return module
+        module = seq[0][2]

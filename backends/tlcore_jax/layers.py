@@ -1,6 +1,7 @@
-"""Small Flax NNX building blocks: a named sequential container tlcore can cut anywhere, global
-pooling and activations as modules (so heads have readable layer names), and layers that keep
-PyTorch's variable names and layouts (``Canonical*``, for the zoo's portable models).
+"""Small Flax NNX building blocks: a named sequential container tlcore can cut anywhere, a head's
+pooling (:class:`Pool`, masked on tokens) and activations as modules (so heads have readable layer
+names), tlcore's heads (:class:`HeadModule`), and layers that keep PyTorch's variable names and
+layouts (``Canonical*``, for the zoo's portable models).
 
 Example:
     >>> from flax import nnx
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tlcore.head import POOLS, HeadError
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # PyTorch's and Keras' default (erf)
@@ -36,6 +39,11 @@ class NamedSequential(nnx.Module):
     ``<layer>.<variable>``) or a plain function such as ``nnx.relu`` (static). tlcore can cut a
     ``NamedSequential`` after any of its layers, and after any layer of a ``NamedSequential`` or
     ``nnx.Sequential`` nested in it (``"block1.conv"``).
+
+    The first layer takes the container's inputs as they are given (one array, several positional
+    ones, or keyword ones such as ``input_ids=..., attention_mask=...``); each later layer takes the
+    output of the one before, and a head built by tlcore (:class:`HeadModule`) also the
+    ``attention_mask`` keyword input, for its pooling.
 
     Args:
         layers: ``{name: layer}`` or ``[(name, layer), ...]``, in forward order.
@@ -79,10 +87,28 @@ class NamedSequential(nnx.Module):
             raise KeyError(f"no layer {name!r}; layers: {list(self._names)}")
         return getattr(self, name)
 
-    def __call__(self, x: Any) -> Any:
-        for name in self._names:
-            x = getattr(self, name)(x)
-        return x
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return run_chain([layer for _, layer in self.items()], args, kwargs)
+
+
+def run_chain(layers: list[Callable], args: tuple, kwargs: dict) -> Any:
+    """Apply ``layers`` in order: the first to ``(*args, **kwargs)``, each later one to the output of
+    the one before (a :class:`HeadModule` also to ``kwargs["attention_mask"]``, when given). With no
+    layers, the single positional input is returned.
+
+    Example:
+        >>> run_chain([jnp.negative, jnp.abs], (jnp.array([-2.0]),), {})   # doctest: +SKIP
+        Array([2.], dtype=float32)
+    """
+    if not layers:
+        if len(args) != 1 or kwargs:
+            raise TypeError("an empty sequential container passes through exactly one positional input")
+        return args[0]
+    x = layers[0](*args, **kwargs)
+    mask = kwargs.get("attention_mask")
+    for layer in layers[1:]:
+        x = layer(x, mask=mask) if isinstance(layer, HeadModule) else layer(x)
+    return x
 
 
 _RESERVED = frozenset(dir(NamedSequential)) | {"_names"}
@@ -97,26 +123,74 @@ def _check_layer_name(name: object, taken: list[str]) -> None:
 
 
 class Pool(nnx.Module):
-    """Global pooling for a head: ``"avg"`` averages every axis between the batch and the last
-    (H, W of NHWC images; the tokens of (N, T, D) sequences); ``"flatten"`` flattens them.
-    Inputs with at most 2 dimensions pass through.
+    """A head's global pooling, exactly ``tlcore.head.pool_reference``: inputs with at most 2
+    dimensions pass through; ``"flatten"`` flattens the rest; on token features (N, T, D) ``"avg"``
+    and ``"mean"`` average the tokens, ``"max"`` takes their maximum, ``"cls"`` the first and
+    ``"last"`` the last one, where ``mean``, ``max`` and ``last`` keep only the tokens an attention
+    ``mask`` (N, T) marks (> 0; ``mean`` weights by it); on images (N, H, W, C) ``"max"`` takes the
+    maximum over H, W and the others their mean.
 
     Example:
-        >>> Pool("avg")(jnp.ones((2, 4, 4, 3))).shape   # doctest: +SKIP
+        >>> Pool("avg")(jnp.ones((2, 4, 4, 3))).shape                          # doctest: +SKIP
         (2, 3)
+        >>> Pool("last")(jnp.arange(6.0).reshape(1, 3, 2), mask=jnp.array([[1, 1, 0]]))  # doctest: +SKIP
+        Array([[2., 3.]], dtype=float32)
     """
 
     def __init__(self, mode: str = "avg"):
-        if mode not in ("avg", "flatten"):
-            raise ValueError(f"Pool mode must be 'avg' or 'flatten', got {mode!r}")
+        if mode not in POOLS:
+            raise ValueError(f"Pool mode must be one of {POOLS}, got {mode!r}")
         self.mode = mode
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         if x.ndim <= 2:
             return x
         if self.mode == "flatten":
             return x.reshape(x.shape[0], -1)
-        return x.mean(axis=tuple(range(1, x.ndim - 1)))
+        if x.ndim == 3:
+            return token_pool(x, self.mode, mask)
+        axes = tuple(range(1, x.ndim - 1))
+        return x.max(axis=axes) if self.mode == "max" else x.mean(axis=axes)
+
+
+def token_pool(x: jax.Array, mode: str, mask: jax.Array | None) -> jax.Array:
+    """Pool token features ``x`` (N, T, D) over T (see :class:`Pool`); ``mask`` (N, T) or None."""
+    if mode == "cls":
+        return x[:, 0]
+    if mask is None or mode == "avg":
+        return x[:, -1] if mode == "last" else x.max(axis=1) if mode == "max" else x.mean(axis=1)
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise HeadError(f"the attention_mask has shape {tuple(mask.shape)}, but the features before the head have "
+                        f"shape {tuple(x.shape)}: pool={mode!r} needs one mask value per token, shape "
+                        f"{tuple(x.shape[:2])}")
+    keep = mask > 0
+    if mode == "last":
+        idx = x.shape[1] - 1 - jnp.argmax(keep[:, ::-1], axis=1)
+        return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    if mode == "max":
+        return jnp.where(keep[..., None], x, -jnp.inf).max(axis=1)
+    weights = mask.astype(x.dtype)
+    return (x * weights[..., None]).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)[:, None]
+
+
+class HeadModule(NamedSequential):
+    """A head built by tlcore from a ``tl.Head`` (layers ``pool``, ``fc0``, ``act0``, ``drop0``, ...,
+    ``out``): its :class:`Pool` takes the attention mask of token features.
+
+    Example:
+        >>> head = HeadModule([("pool", Pool("mean")), ("out", CanonicalLinear(8, 3))])   # doctest: +SKIP
+        >>> head(tokens, mask=attention_mask).shape                                         # doctest: +SKIP
+        (4, 3)
+    """
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        for _, layer in self.items():
+            x = layer(x, mask) if isinstance(layer, Pool) else layer(x)
+        return x
+
+    def after_pool(self) -> NamedSequential:
+        """The layers after the pool, sharing their variables: what trains on cached (pooled) features."""
+        return NamedSequential([(name, layer) for name, layer in self.items() if not isinstance(layer, Pool)])
 
 
 class Activation(nnx.Module):
@@ -194,7 +268,8 @@ class CanonicalBatchNorm(nnx.Module):
     """BatchNorm over the last axis with PyTorch's names and update rule: ``weight``, ``bias``,
     ``running_mean``, ``running_var`` (the unbiased batch variance), ``momentum`` the weight of the
     new statistic (0.1). Runs on its running statistics when ``use_running_average`` is True (tlcore
-    sets it: inference, or frozen).
+    sets it: inference, or frozen). Statistics and normalisation are computed in (at least) float32,
+    the output has the input's dtype (mixed precision).
 
     Example:
         >>> bn = CanonicalBatchNorm(8)                                # doctest: +SKIP
@@ -212,17 +287,19 @@ class CanonicalBatchNorm(nnx.Module):
         self.running_var = nnx.BatchStat(jnp.ones((num_features,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in float32 under mixed precision
         if self.use_running_average:
             mean, var = self.running_mean[...], self.running_var[...]
         else:
             axes = tuple(range(x.ndim - 1))
-            mean, var = x.mean(axis=axes), x.var(axis=axes)
+            mean, var = xs.mean(axis=axes), xs.var(axis=axes)
             n = x.size // x.shape[-1]
             m = self.momentum
             stat_mean, stat_var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var) * n / max(n - 1, 1)
             self.running_mean.set_value((1 - m) * self.running_mean[...] + m * stat_mean)
             self.running_var.set_value((1 - m) * self.running_var[...] + m * stat_var)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
+        y = (xs - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
+        return y.astype(x.dtype)
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view(model, use_running_average=...)``, as on ``nnx.BatchNorm``."""

@@ -1,5 +1,5 @@
 """``JaxModel``: an ``nnx.Module`` behind the :class:`tlcore.Model` API (its own input layout, NHWC
-for convolutions).
+for convolutions; one array, a dict of keyword inputs or a tuple of positional ones).
 
 Example:
     >>> import tlcore as tl                                                             # doctest: +SKIP
@@ -10,6 +10,7 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -18,18 +19,23 @@ import numpy as np
 from flax import nnx
 
 from tlcore.backend import Trainer
-from tlcore.cut import in_layer
-from tlcore.errors import CutError
+from tlcore.cut import dropped_layers
+from tlcore.data import Inputs, num_samples, take
+from tlcore.errors import CutError, UnsupportedModelError
 from tlcore.freeze import Resolved, TensorInfo
 from tlcore.head import HeadPlan
 from tlcore.model import FEATURE_BATCH, Model
 from tlcore.optim import TrainSpec
 
-from .cut import _children, append_head, cut_module, layer_entries, static_width, trace_shapes
+from .cut import (WRAPPERS, _children, append_head, call_order, cut_module, is_sequential, layer_entries,
+                  static_width, top_layer, trace_shapes)
 from .freeze import Layout, Partition, layout, partition, set_modes, stochastic_modules
 from .head import build_head
-from .layers import CanonicalConv, CanonicalLinear
+from .inputs import abstract, call, check_call
+from .layers import CanonicalConv, CanonicalLinear, HeadModule
 from .train import JaxTrainer, _infer, infer_batches
+
+log = logging.getLogger("tlcore")
 
 
 def infer_input_shape(module: nnx.Module) -> tuple | None:
@@ -60,6 +66,10 @@ class JaxModel(Model):
     ``dropout.rngs.count``); the children of an ``nnx.Sequential`` are ``0``, ``1``, ... The model
     shares the module: training it updates the module's variables (at the end of ``fit``).
 
+    Layers are in forward order: the submodules of a module that is not a sequential container are
+    ordered by their first call in one abstract run when an example input is known (a fully known
+    ``input_shape``, or ``example_input``), else kept in definition order.
+
     Args:
         module: the Flax NNX module.
         rng_prefix: the name of ``module`` inside a larger model whose RNG streams it shares (a head
@@ -67,6 +77,10 @@ class JaxModel(Model):
         layer_order: the layers of the model this one was cut from, whose order it keeps.
         canonical: the module's variables have PyTorch's names and layouts (zoo models; an attached
             head always has them).
+        static_width: the head's input width when known without data (a cut before a dense layer).
+        example_input: an abstract batch of one sample the module takes (``jax.ShapeDtypeStruct``s:
+            one, or a dict or tuple of them), for a module whose input is not one float array of a
+            known ``input_shape`` (token ids): it orders the layers and sizes a head without data.
         **kwargs: ``input_shape``, ``head``, ``head_spec``, ``policy``, ``meta`` (see ``tlcore.Model``).
 
     Example:
@@ -78,11 +92,13 @@ class JaxModel(Model):
     backend = "jax"
 
     def __init__(self, module: nnx.Module, *, rng_prefix: str = "", layer_order: list[str] | None = None,
-                 canonical: bool = False, static_width: int | None = None, **kwargs: Any):
+                 canonical: bool = False, static_width: int | None = None, example_input: Any = None,
+                 **kwargs: Any):
         if not isinstance(module, nnx.Module):
             raise TypeError(f"JaxModel wraps a flax.nnx.Module, got {type(module).__name__}")
         self._module = module
         self._static_width = static_width
+        self._example = example_input
         self._layout: Layout | None = None
         self._partition: Partition | None = None
         self.rng_prefix = rng_prefix
@@ -99,8 +115,33 @@ class JaxModel(Model):
     def layout(self) -> Layout:
         """Names, kinds and native paths of the module's layers and variables."""
         if self._layout is None:
+            if not self._layer_order:
+                self._layer_order = self._call_order()
             self._layout = layout(self._module, self._layer_order)
         return self._layout
+
+    def _example_input(self) -> Any:
+        """An abstract batch of one sample, when known (``example_input``, or a fully known
+        ``input_shape`` of float32 values); else None."""
+        if self._example is not None:
+            return self._example
+        if self.input_shape is not None and None not in self.input_shape:
+            return jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+        return None
+
+    def _call_order(self) -> list[str]:
+        """The layers in the order the module first calls them, when that can be known (an example
+        input, a module that is not a sequential container, whose order is its definition's); else []."""
+        root = self._module
+        while isinstance(root, WRAPPERS):
+            root = root.body
+        example = self._example_input()
+        if example is None or is_sequential(root):
+            return []
+        order = call_order(self._module, example, call, lambda m: set_modes(m, training=False))
+        if order is None:
+            log.debug("layers of %s are in definition order: the abstract run failed", type(root).__name__)
+        return order or []
 
     def _layer_names(self) -> list[str]:
         return list(self.layout.layers)
@@ -138,10 +179,10 @@ class JaxModel(Model):
         self._partition = partition(self.layout, resolved)
         self._prepared: dict = {}  # this partition's leaf splits and compiled steps (see JaxTrainer)
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
-        return infer_batches(self._module, x, len(x))
+    def _forward(self, x: Inputs) -> np.ndarray:
+        return infer_batches(self._module, x, num_samples(x))
 
-    def _predict_batches(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+    def _predict_batches(self, x: Inputs, batch_size: int) -> np.ndarray:
         return infer_batches(self._module, x, batch_size)
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
@@ -156,27 +197,44 @@ class JaxModel(Model):
 
     # ---------------------------------------------------------------- structure
     def _cut(self, last: str | None, layers: list[str]) -> JaxModel:
-        module = nnx.clone(self._module)
-        width = None
-        if last is not None:
-            dropped = [n for n in self.layers if n not in layers]
-            dropped = [n for n in dropped if not any(in_layer(n, d) and n != d for d in dropped)]
-            entries = {name: obj for name, _, obj in layer_entries(self._module)}
-            width = static_width(entries[last], entries[dropped[0]]) if dropped else None
-        module = cut_module(module, last, dropped if last is not None else [])
+        dropped = dropped_layers(self.layers, layers)
+        entries = {name: obj for name, _, obj in layer_entries(self._module)}
+        width = static_width(entries[last], entries[dropped[0]]) if last is not None and dropped else None
+        module = cut_module(nnx.clone(self._module), last, dropped)
         return JaxModel(module, input_shape=self.input_shape, meta=self.meta, rng_prefix=self.rng_prefix,
-                        layer_order=self.layers, canonical=self.canonical, static_width=width)
+                        layer_order=self.layers, canonical=self.canonical, static_width=width,
+                        example_input=self._example)
 
-    def _feature_shape(self, x: np.ndarray | None) -> tuple | None:
-        if x is None:
-            if self.input_shape is None or None in self.input_shape:
-                return None if self._static_width is None else (self._static_width,)
-            x = np.zeros((1, *self.input_shape), np.float32)
-        out = jax.eval_shape(_infer, self._module, jax.ShapeDtypeStruct((1, *x.shape[1:]), jnp.asarray(x[:1]).dtype))
-        return tuple(out.shape[1:])
+    def _feature_shape(self, x: Inputs | None) -> tuple | None:
+        if x is not None:
+            check_call(self._module, x)
+            return self._abstract_output(abstract(take(x, slice(0, 1))))
+        example = self._example_input()
+        fallback = None if self._static_width is None else (self._static_width,)
+        if example is None:
+            return fallback
+        try:
+            return self._abstract_output(example)
+        except Exception as e:  # noqa: BLE001 - without data this is a guess; the first batch tells for sure
+            log.debug("the feature shape is not known without data (%s: %s)", type(e).__name__, e)
+            return fallback
+
+    def _abstract_output(self, example: Any) -> tuple:
+        return tuple(jax.eval_shape(_infer, self._module, example).shape[1:])
 
     def _attach_head(self, plan: HeadPlan, name: str, values: dict[str, np.ndarray]) -> None:
-        self._module = append_head(self._module, name, build_head(plan, values))
+        self._append(name, build_head(plan, values))
+
+    def _attach_native_head(self, name: str, head: Any) -> None:
+        """Append the user's ``nnx.Module`` (shared, not copied) as layer ``name``: it takes this
+        model's output as it is and trains; its variables are named ``<name>.<path>``."""
+        if not isinstance(head, nnx.Module):
+            raise UnsupportedModelError(f"a head for a JAX model must be a flax.nnx.Module (or a tl.Head), got "
+                                        f"{type(head).__module__}.{type(head).__qualname__}")
+        self._append(name, head)
+
+    def _append(self, name: str, head: nnx.Module) -> None:
+        self._module = append_head(self._module, name, head)
         self._layer_order = self.layers
         self._layout = None
 
@@ -191,13 +249,19 @@ class JaxModel(Model):
         return shapes
 
     # ---------------------------------------------------------------- feature caching
-    def _features(self, x: np.ndarray) -> np.ndarray:
-        return infer_batches(self._module, x, len(x), stop=self._head)
+    def _features(self, x: Inputs) -> np.ndarray:
+        """The head's input, after its pool (with the attention mask) when tlcore built the head:
+        the cached features are then small and the mask is used here once; :meth:`_head_model`
+        starts after the pool."""
+        return infer_batches(self._module, x, num_samples(x), stop=self._head)
 
-    def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
+    def _batched_features(self, x: Inputs, batch_size: int = FEATURE_BATCH) -> np.ndarray:
         return infer_batches(self._module, x, batch_size, stop=self._head)
 
     def _head_model(self) -> JaxModel:
-        head = getattr(self._module, self._head)
-        return JaxModel(head, input_shape=None, head_spec=self.head_spec, canonical=True,
-                        rng_prefix=f"{self.rng_prefix}{self._head}.")
+        head = top_layer(self._module, self._head)
+        prefix = f"{self.rng_prefix}{self._head}."
+        if isinstance(head, HeadModule):
+            return JaxModel(head.after_pool(), input_shape=None, head_spec=self.head_spec, canonical=True,
+                            rng_prefix=prefix)
+        return JaxModel(head, input_shape=None, rng_prefix=prefix)

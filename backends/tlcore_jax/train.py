@@ -1,12 +1,21 @@
 """The JAX training step: one ``jax.jit``-compiled function per (model structure, freeze partition,
-optimizer, loss, batch shape), shared by every model of the same structure and reused across
-batches, epochs and ``fit`` calls.
+optimizer, loss, precision, batch structure and shapes), shared by every model of the same structure
+and reused across batches, epochs and ``fit`` calls. A batch is an array, a dict or a tuple of arrays
+(a pytree: jit keys its cache on the structure, so dict batches compile once per shape too).
 
 Frozen costs nothing: the step differentiates only the trainable parameters (the state is split
 into trainable / updated-by-the-forward-pass / constant parts, and ``jax.grad`` sees only the first),
 so no gradient is ever computed for a frozen tensor, the optimizer (clipping and weight decay
 included) only ever sees trainable tensors, and frozen BatchNorm layers run on their moving
 statistics. The optimizer specs map to optax with PyTorch's update rules (see ``tlcore.optim``).
+
+Mixed precision (``precision="bfloat16"`` or ``"float16"``) is JAX's own: inside the step the
+parameters (trainable and frozen), frozen BatchNorm statistics and float inputs are cast to the
+compute dtype and Flax layers compute in it (their ``dtype`` attribute, :func:`set_compute_dtype`),
+so every matmul and convolution runs in it, while the loss, the gradients (cast back by the transpose
+of the cast), the float32 master weights, the optimizer state and trainable BatchNorm statistics
+(computed and updated in float32) stay float32. ``float16`` uses dynamic loss scaling
+(:class:`LossScale`).
 
 Example:
     >>> trainer = model._make_trainer(TrainSpec(tl.optim.Adam(lr=1e-3)))   # doctest: +SKIP
@@ -21,7 +30,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.extend.core
@@ -31,16 +40,23 @@ import optax
 from flax import nnx
 
 from tlcore.backend import Trainer
+from tlcore.data import Inputs, num_samples, take
 from tlcore.errors import TlcoreError
 from tlcore.optim import OptimizerSpec, TrainSpec
 
-from .cut import Path, run_until
+from .cut import Path, run_until, top_layer
 from .freeze import Partition, set_modes
+from .inputs import attention_mask, call, cast_floats, check_call, to_device
+from .layers import HeadModule
 
 if TYPE_CHECKING:
     from .model import JaxModel
 
 _CACHE_SIZE = 64
+#: the compute dtype of each ``TrainSpec.precision``
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+#: finite float16 steps in a row after which the loss scale doubles (``torch.amp.GradScaler``'s)
+LOSS_SCALE_GROWTH_INTERVAL = 2000
 
 
 def build_optimizer(spec: OptimizerSpec, clip_grad_norm: float | None = None) -> optax.GradientTransformation:
@@ -96,6 +112,7 @@ class StepConfig:
     loss: str
     clip_grad_norm: float | None
     frozen_bn: frozenset
+    precision: str = "float32"
 
 
 class FrozenBatchNormUpdated(TlcoreError, RuntimeError):
@@ -154,21 +171,76 @@ def _variables(module: nnx.Module) -> list[nnx.Variable]:
     return jax.tree.leaves(module, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
+class LossScale(NamedTuple):
+    """float16's dynamic loss scale, with ``torch.amp.GradScaler``'s rule: the loss is multiplied by
+    ``scale`` (from 2**16) before differentiation and the gradients divided by it; a step whose
+    gradients are not finite is skipped (weights, optimizer state and BatchNorm statistics keep their
+    values) and halves the scale (not below 1); 2000 finite steps in a row double it.
+
+    Example:
+        >>> s = LossScale.initial()
+        >>> float(s.adjust(jnp.bool_(False)).scale)
+        32768.0
+    """
+
+    scale: jax.Array          # float32
+    good_steps: jax.Array     # int32: finite steps since the scale last changed
+
+    @classmethod
+    def initial(cls) -> LossScale:
+        return cls(jnp.float32(2.0**16), jnp.int32(0))
+
+    def adjust(self, finite: jax.Array) -> LossScale:
+        """The scale after a step whose gradients were (not) ``finite``."""
+        grow = finite & (self.good_steps + 1 >= LOSS_SCALE_GROWTH_INTERVAL)
+        scale = jnp.where(finite, jnp.where(grow, self.scale * 2, self.scale), jnp.maximum(self.scale / 2, 1.0))
+        return LossScale(scale.astype(jnp.float32), jnp.where(finite & ~grow, self.good_steps + 1, 0).astype(jnp.int32))
+
+
+def set_compute_dtype(module: nnx.Module, dtype: Any) -> None:
+    """Flax's convention for mixed precision: a layer's ``dtype`` attribute is the dtype it computes
+    in (``param_dtype`` the one it stores). Set it on every submodule whose ``dtype`` is None or a
+    float dtype (e.g. ``nnx.BatchNorm`` would otherwise promote to its float32 statistics); its
+    statistics stay float32 (Flax computes them in at least float32). Called on the copy a compiled
+    step builds, never on the user's module."""
+    for _, sub in nnx.iter_modules(module):
+        current = vars(sub).get("dtype", False)
+        if current is None or (isinstance(current, (type, np.dtype)) and jnp.issubdtype(current, jnp.floating)):
+            sub.dtype = dtype
+
+
+def _as_dtype(value: jax.Array, dtype: Any) -> jax.Array:
+    return value if value.dtype == dtype else value.astype(dtype)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.array([jnp.isfinite(g).all() for g in jax.tree.leaves(tree)]))
+
+
 def _train_step(split: LeafSplit, cfg: StepConfig, traces: list[int], trainable: list, mutable: list,
-                const: list, opt_state: Any, x: jax.Array, y: jax.Array):
+                const: list, opt_state: Any, scale: LossScale | None, x: Inputs, y: jax.Array):
     """One step (traced under ``jax.jit``): gradient of the mean loss with respect to ``trainable``
     only, optimizer update of ``trainable``, the new ``mutable`` state from the forward pass; returns
-    ``(trainable, mutable, opt_state, summed loss, number correct)``. ``const`` is never written."""
+    ``(trainable, mutable, opt_state, scale, summed loss, number correct)``. ``const`` is never
+    written. Under mixed precision the forward and backward pass compute in ``cfg.precision``
+    (``scale``: float16's :class:`LossScale`, else None)."""
     traces[0] += 1  # runs once per trace, i.e. once per compilation
     tx = build_optimizer(cfg.optimizer, cfg.clip_grad_norm)
+    dtype = COMPUTE_DTYPES[cfg.precision]
+    mixed = dtype != jnp.float32
+    if mixed:  # mutable state (trainable BatchNorm statistics, RNG) is updated in its own dtype
+        x, const = cast_floats(x, dtype), cast_floats(const, dtype)
 
     def loss_fn(params: list):
         # unflattened here: new Variables at this trace level, so that the forward pass may update them
+        params = cast_floats(params, dtype) if mixed else params
         model = jax.tree.unflatten(split.treedef, split.leaves(params, mutable, const))
         set_modes(model, training=True, frozen_bn=cfg.frozen_bn)
+        if mixed:
+            set_compute_dtype(model, dtype)
         frozen_stats = [(p, v, v.get_raw_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))
                         if tuple(p[:-1]) in cfg.frozen_bn]
-        out = model(x)
+        out = call(model, x)
         moved = [".".join(map(str, p)) for p, v, before in frozen_stats if v.get_raw_value() is not before]
         if moved:
             raise FrozenBatchNormUpdated(
@@ -176,13 +248,23 @@ def _train_step(split: LeafSplit, cfg: StepConfig, traces: list[int], trainable:
                 "passes use_running_average=False to a BatchNorm explicitly. Leave it unset (None) so that "
                 "tlcore can run frozen BatchNorm layers on their moving statistics")
         leaves = jax.tree.leaves(model)
-        new_mutable = [leaves[i] for i in split.mutable]
-        mean, correct = loss_and_correct(out, y, cfg.loss)
-        return mean, (mean * y.shape[0], correct, new_mutable)
+        # in their own dtype (a layer may write a statistic in the compute dtype), so steps never retrace
+        new_mutable = [_as_dtype(leaves[i], old.dtype) for i, old in zip(split.mutable, mutable)]
+        mean, correct = loss_and_correct(out.astype(jnp.float32), y, cfg.loss)
+        return mean if scale is None else mean * scale.scale, (mean * y.shape[0], correct, new_mutable)
 
     grads, (total, correct, new_mutable) = jax.grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), new_mutable, opt_state, total, correct
+    if scale is not None:
+        grads = jax.tree.map(lambda g: g / scale.scale, grads)
+    updates, new_opt_state = tx.update(grads, opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    if scale is None:
+        return new_trainable, new_mutable, new_opt_state, None, total, correct
+    finite = _all_finite(grads)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_mutable = [keep(n, o) if jnp.issubdtype(o.dtype, jnp.floating) else n for n, o in zip(new_mutable, mutable)]
+    return (keep(new_trainable, trainable), new_mutable, keep(new_opt_state, opt_state), scale.adjust(finite),
+            total, correct)
 
 
 @dataclass
@@ -212,24 +294,33 @@ def compiled_step(split: LeafSplit, cfg: StepConfig) -> CompiledStep:
     return step
 
 
-def _infer(module: nnx.Module, x: jax.Array, stop: str | None = None) -> jax.Array:
+def _infer(module: nnx.Module, x: Inputs, stop: str | None = None) -> jax.Array:
+    """Inference-mode output of ``module`` on ``x``, or with ``stop`` the input of its top-level
+    layer ``stop``, pooled (with the attention mask) when that layer is a head built by tlcore."""
     set_modes(module, training=False)  # on the copy jit unflattens, never on the caller's module
-    return module(x) if stop is None else run_until(module, stop)(x)
+    if stop is None:
+        return call(module, x)
+    features = call(run_until(module, stop), x)
+    head = top_layer(module, stop)
+    return head.pool(features, attention_mask(x)) if isinstance(head, HeadModule) else features
 
 
 #: inference-mode forward pass (up to the top-level layer ``stop`` when given), the module passed as
 #: the leaves of its pytree: flattening costs far less than ``nnx.split``, and jit's cache is keyed on
-#: the tree's structure
+#: the tree's structure (and on the batch's: an array, a dict or a tuple of arrays)
 _infer_leaves = jax.jit(lambda leaves, x, treedef, stop: _infer(jax.tree.unflatten(treedef, leaves), x, stop),
                         static_argnames=("treedef", "stop"))
 
 
-def infer_batches(module: nnx.Module, x: np.ndarray, batch_size: int, stop: str | None = None) -> np.ndarray:
+def infer_batches(module: nnx.Module, x: Inputs, batch_size: int, stop: str | None = None) -> np.ndarray:
     """The inference-mode forward pass over batches of ``x``, the module flattened once for all of
     them (flattening ResNet-18 costs about 0.6 ms, 3 % of a batch of 64 at 32x32)."""
+    check_call(module, x)
+    x = to_device(x)
     leaves, treedef = jax.tree.flatten(module)
-    return np.concatenate([np.asarray(_infer_leaves(leaves, x[i:i + batch_size], treedef=treedef, stop=stop))
-                           for i in range(0, len(x), batch_size)])
+    return np.concatenate([np.asarray(_infer_leaves(leaves, take(x, slice(i, i + batch_size)), treedef=treedef,
+                                                    stop=stop))
+                           for i in range(0, num_samples(x), batch_size)])
 
 
 def clear_cache() -> None:
@@ -279,7 +370,7 @@ class JaxTrainer(Trainer):
         self.streams, self.rng_prefix = model.layout.rng_streams, model.rng_prefix
         self.spec = spec
         treedef = jax.tree.structure(self.module)
-        self.cfg = StepConfig(spec.optimizer, spec.loss, spec.clip_grad_norm, part.frozen_bn)
+        self.cfg = StepConfig(spec.optimizer, spec.loss, spec.clip_grad_norm, part.frozen_bn, spec.precision)
         # ``cache`` is this model's partition's: its leaf split by structure, compiled steps by
         # (structure, config), so a fit hashes no split
         if treedef not in cache:
@@ -298,6 +389,7 @@ class JaxTrainer(Trainer):
         self.trainable, self.mutable, self.const = ([leaves[i] for i in idx] for idx in
                                                     (self.split.trainable, self.split.mutable, self.split.const))
         self.opt_state = self.compiled.init(self.trainable)
+        self.loss_scale = LossScale.initial() if self.cfg.precision == "float16" else None
         self.compilations = 0
         self._dirty = False
 
@@ -306,15 +398,23 @@ class JaxTrainer(Trainer):
         """Native paths of the variables the step differentiates and optimizes."""
         return list(self.split.paths[:len(self.split.trainable)])
 
-    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    def step(self, x: Inputs, y: np.ndarray) -> tuple[jax.Array, jax.Array]:
         before = self.compiled.traces[0]
-        self.trainable, self.mutable, self.opt_state, total, correct = self.compiled.fn(*self._args(x, y))
+        self.trainable, self.mutable, self.opt_state, self.loss_scale, total, correct = \
+            self.compiled.fn(*self._args(x, y))
         self.compilations += self.compiled.traces[0] - before
         self._dirty = True
         return total, correct
 
-    def _args(self, x: np.ndarray, y: np.ndarray) -> tuple:
-        return (self.trainable, self.mutable, self.const, self.opt_state, x,
+    def epoch(self, x: Inputs, y: np.ndarray, batches: list, on_step: Callable[[int], Any] = lambda n: None
+              ) -> list[tuple[Any, Any]]:
+        """The core's epoch, on ``x`` checked against the module and converted for the device once."""
+        check_call(self.module, x)
+        return super().epoch(to_device(x), y, batches, on_step)
+
+    def _args(self, x: Inputs, y: np.ndarray) -> tuple:
+        check_call(self.module, x)
+        return (self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, to_device(x),
                 y.astype(np.int32) if y.dtype == np.int64 else y)
 
     def jaxpr(self, x: np.ndarray, y: np.ndarray) -> jax.extend.core.ClosedJaxpr:

@@ -1,7 +1,7 @@
 """tlcore's Keras (TensorFlow) backend. Importing this package imports neither Keras nor
 TensorFlow; ``backend.py`` does (through ``_keras.py``, which first makes sure Keras runs on
 TensorFlow)."""
-from tlcore.errors import TlcoreError
+from tlcore.errors import OptimizerConfigError, TlcoreError
 from tlcore.registry import BackendSpec
 
 SPEC = BackendSpec(name="keras", target="tlcore_keras.backend:KerasBackend",
@@ -12,4 +12,9 @@ class KerasBackendError(TlcoreError, RuntimeError):
     """Keras was already imported with a backend other than TensorFlow (``KERAS_BACKEND``)."""
 
 
-__all__ = ["SPEC", "KerasBackendError"]
+class PrecisionNotSupportedError(OptimizerConfigError):
+    """``fit(precision=...)`` asked for a precision this TensorFlow build cannot compute on this
+    device (an operation of the model has no kernel for it); catch it as ``tl.OptimizerConfigError``."""
+
+
+__all__ = ["SPEC", "KerasBackendError", "PrecisionNotSupportedError"]

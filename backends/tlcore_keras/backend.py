@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from tlcore.backend import Backend
+from tlcore.errors import unknown_name_message
 
 from ._keras import keras, tf
 from .model import KerasModel
@@ -46,6 +47,27 @@ class CustomNet(keras.Model):
         return self.fc(self.pool(x))
 
 
+#: the reference networks (see ``Backend.reference_model``)
+VARIANTS = ("sequential", "custom", "tokens")
+#: the ``"tokens"`` reference: sequence length, vocabulary size and width
+TOKENS, VOCABULARY, WIDTH = 6, 20, 8
+
+
+def token_net(seed: int = 0) -> keras.Model:
+    """The ``"tokens"`` reference: a functional model on ``{"input_ids": int (N, 6), "attention_mask":
+    (N, 6)}`` with layers ``embed`` (``Embedding(20, 8)``) and ``proj`` (``Dense(8)``) giving (N, 6, 8)
+    token features; ``attention_mask`` is an input the layers do not use (a head built by tlcore pools
+    with it)."""
+    init = keras.initializers
+    ids = keras.Input((TOKENS,), dtype="int64", name="input_ids")
+    mask = keras.Input((TOKENS,), dtype="int64", name="attention_mask")
+    x = keras.layers.Embedding(VOCABULARY, WIDTH, name="embed",
+                               embeddings_initializer=init.RandomNormal(seed=seed * 1000))(ids)
+    x = keras.layers.Dense(WIDTH, name="proj", kernel_initializer=init.GlorotUniform(seed=seed * 1000 + 1),
+                           bias_initializer=init.RandomUniform(-0.1, 0.1, seed=seed * 1000 + 2))(x)
+    return keras.Model([ids, mask], x, name="tokens")
+
+
 class KerasBackend(Backend):
     """Wraps any Keras 3 ``keras.Model``; inputs use Keras' layout (NHWC images).
 
@@ -67,8 +89,12 @@ class KerasBackend(Backend):
         return {"keras": keras.__version__, "tensorflow": tf.__version__}
 
     def reference_model(self, seed: int = 0, variant: str = "sequential") -> KerasModel:
+        if variant not in VARIANTS:
+            raise ValueError(unknown_name_message("reference model variant", variant, VARIANTS))
         if variant == "custom":
             return KerasModel(CustomNet(seed, name="custom"), input_shape=(8, 8, 3))
+        if variant == "tokens":
+            return KerasModel(token_net(seed))
         layers = keras.layers
         init = keras.initializers
         seeds = iter(range(seed * 1000, seed * 1000 + 100))

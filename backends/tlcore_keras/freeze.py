@@ -2,7 +2,8 @@
 
 Tensor names are the layer path and the variable name joined by dots (``conv1.kernel``,
 ``bn1.moving_mean``, ``block.a.bias``, ``head.out.kernel``); sub-layers of custom layers are named
-after their ``name`` too (``mha.query.kernel``). Kinds: ``BatchNormalization`` weights are
+after their ``name`` too (``mha.query.kernel``); the body of a cut or re-headed model without a
+layer graph (``cut.Wrapper``) is left out, so the copy keeps the original's names. Kinds: ``BatchNormalization`` weights are
 ``bn_param`` (gamma, beta) and ``bn_stat`` (moving mean and variance); the states of
 ``SeedGenerator``s (Dropout and other random layers) are ``rng``; other weights created trainable
 are ``param``, the rest ``buffer``. Whether a weight was *created* trainable is read from the
@@ -28,7 +29,7 @@ from tlcore.cut import in_layer
 from tlcore.freeze import Resolved, TensorInfo, owning_layer
 
 from ._keras import keras, own_variables, seed_generators
-from .cut import children
+from .cut import children, roots
 
 BATCHNORM = (keras.layers.BatchNormalization,)
 TRAINABLE_KINDS = ("param", "bn_param")
@@ -110,7 +111,7 @@ def tensors(model: keras.Model, cut_points: list[str], order: list | None = None
     under PyTorch's names and layouts for the layers whose path ``canonical_at`` accepts."""
     known = set(cut_points)
     out, seen, names = [], set(), set()
-    for path, layer in [("", model), *named_layers(model, order)]:
+    for path, layer in [*(("", root) for root in roots(model)), *named_layers(model, order)]:
         owner = owning_layer(path, known)
         unit = path if isinstance(layer, BATCHNORM) else ""
         for v, kind in _own_variables(layer):
@@ -162,5 +163,6 @@ def apply_mask(model: keras.Model, all_tensors: list[Tensor], resolved: Resolved
 def stochastic_layers(model: keras.Model, order: list | None = None) -> list[str]:
     """Paths of layers that draw random numbers (they own a ``SeedGenerator``: Dropout with rate > 0,
     noise and augmentation layers)."""
-    return [path for path, layer in [("", model), *named_layers(model, order)]
-            if seed_generators(layer)]
+    found = [path for path, layer in [*(("", root) for root in roots(model)), *named_layers(model, order)]
+             if seed_generators(layer)]
+    return list(dict.fromkeys(found))

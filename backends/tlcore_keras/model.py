@@ -1,5 +1,8 @@
 """``KerasModel``: a ``keras.Model`` behind the :class:`tlcore.Model` API (NHWC inputs, as in Keras).
 
+Inputs are one array, a dict of arrays by input name or a tuple in the model's input order (see
+``inputs.py``); every compiled function takes that structure.
+
 Example:
     >>> inputs = keras.Input((4,))                                                  # doctest: +SKIP
     >>> m = tl.wrap(keras.Model(inputs, keras.layers.Dense(2, name="fc")(inputs)))  # doctest: +SKIP
@@ -9,11 +12,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
+from tlcore import data
 from tlcore.backend import Trainer
-from tlcore.cut import in_layer
+from tlcore.cut import dropped_layers, in_layer, top_level
 from tlcore.errors import CutError, FreezePolicyError, UnsupportedModelError
 from tlcore.freeze import Resolved, TensorInfo
 from tlcore.head import HeadPlan
@@ -22,7 +27,8 @@ from tlcore.optim import TrainSpec
 
 from . import cut, freeze, shared
 from ._keras import Sequential, keras, tf
-from .head import build_head
+from .head import build_head, is_tlcore_head
+from .inputs import MASK_INPUT, ModelInputs, mask_of, signature, structure_key
 from .train import KerasTrainer, SharedStepTrainer
 
 
@@ -32,7 +38,8 @@ def _named(model: keras.Model) -> dict:
 
 
 class KerasModel(Model):
-    """A Keras 3 model (Sequential, functional or subclassed) wrapped as a :class:`tlcore.Model`.
+    """A Keras 3 model (Sequential, functional with one input or several, or subclassed) wrapped as
+    a :class:`tlcore.Model`.
 
     Args:
         native: the ``keras.Model``; it is shared, not copied (``tl.finetune`` copies).
@@ -41,6 +48,9 @@ class KerasModel(Model):
         canonical: report weights under PyTorch's names and layouts (zoo models, whose state is
             the same on every backend): ``conv1.weight`` ``(out, in, kh, kw)``, ``fc.weight``
             ``(out, in)``, ``bn1.running_mean``... An attached head is always reported so.
+        order: the names of the top-level layers in forward order, for a model without a layer
+            graph whose order is known (a cut or re-headed copy); default: recorded from one
+            forward pass when the input shape is known, else creation order.
 
     Example:
         >>> m = tl.wrap(keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None))  # doctest: +SKIP
@@ -50,7 +60,8 @@ class KerasModel(Model):
     backend = "keras"
 
     def __init__(self, native: keras.Model, *, rng_prefix: str = "", kinds: dict[str, str] | None = None,
-                 canonical: bool = False, canonical_layers: tuple[str, ...] = (), **kwargs):
+                 canonical: bool = False, canonical_layers: tuple[str, ...] = (), order: list[str] | None = None,
+                 **kwargs):
         if not isinstance(native, keras.Model):
             raise UnsupportedModelError(f"the keras backend wraps a keras.Model, got {type(native).__qualname__}")
         input_shape = kwargs.get("input_shape")
@@ -61,16 +72,22 @@ class KerasModel(Model):
         self._canonical_layers = tuple(canonical_layers)
         #: set on a head trained on cached features: its step is compiled once per process and structure
         self._shared_key: tuple | None = None
-        self._set_model(native, input_shape, kinds)
+        #: per-sample shape of the attached head's input, where known
+        self._head_shape: tuple | None = None
+        self._set_model(native, input_shape, kinds, order)
         super().__init__(**kwargs)
 
-    def _set_model(self, native: keras.Model, input_shape, kinds: dict[str, str] | None = None) -> None:
+    def _set_model(self, native: keras.Model, input_shape, kinds: dict[str, str] | None = None,
+                   order: list[str] | None = None) -> None:
         self._model = native
         self._fns: dict[tuple, object] = {}
         self._chain: cut.CallChain | None = None
+        self._sequential: keras.Model | None = None
         self._ensure_built(input_shape)
         if not cut.is_graph(native):
-            self._chain = cut.record_call_chain(native, input_shape)
+            self._chain = cut.CallChain(cut.top_layers(native, order), False) if order is not None else \
+                cut.record_call_chain(native, input_shape)
+        self._input_spec = ModelInputs.of(native) if cut.is_graph(native) else None
         self._layers = cut.layer_paths(native, self._order)
         self._kinds = kinds or {p: type(layer).__name__ for p, layer in freeze.named_layers(native, self._order)}
         self._all: list[freeze.Tensor] | None = None
@@ -78,7 +95,8 @@ class KerasModel(Model):
 
     @property
     def _order(self) -> list | None:
-        return self._chain.layers if self._chain is not None and self._chain.sequential else None
+        """The top-level layers in forward order (None: a graph model's own order)."""
+        return self._chain.layers if self._chain is not None else None
 
     def _ensure_built(self, input_shape) -> None:
         """Create the weights of an unbuilt model from ``input_shape`` (Keras creates them lazily)."""
@@ -148,50 +166,70 @@ class KerasModel(Model):
                 "trainable_mask(); change what trains with model.freeze(tl.FreezePolicy...) instead")
 
     # ---------------------------------------------------------------- running
-    def _compiled(self, key: str, fn, x: np.ndarray):
-        """``fn`` as a ``tf.function`` taking batches shaped like ``x`` (traced once per model and
-        per-sample shape)."""
-        key = (key, x.shape[1:])
+    def _check_inputs(self, x: Any) -> None:
+        """A graph model's named inputs must all be in a dict batch (and no other key), a tuple must
+        have one array per input, and each array the shape its input takes (see :class:`ModelInputs`)."""
+        if self._input_spec is not None:
+            self._input_spec.check(x)
+
+    def _to_inputs(self, x: Any) -> Any:
+        """A numpy batch as the model is called: a graph model's inputs put in its order and cast to
+        its dtypes (see :class:`ModelInputs`); anything else as it is."""
+        return x if self._input_spec is None else self._input_spec.convert(x)
+
+    def _compiled(self, key: str, fn, inputs: Any):
+        """``fn`` as a ``tf.function`` taking batches structured like ``inputs`` (traced once per model
+        and per-sample shapes)."""
+        key = (key, structure_key(inputs))
         if key not in self._fns:
-            spec = tf.TensorSpec((None, *x.shape[1:]), tf.float32)
-            self._fns[key] = tf.function(fn, input_signature=[spec], autograph=False)
+            self._fns[key] = tf.function(fn, input_signature=[signature(inputs)], autograph=False)
         return self._fns[key]
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
-        model = self._model
-        return self._compiled("forward", lambda t: model(t, training=False), x)(x).numpy()
+    def _forward(self, x: Any) -> np.ndarray:
+        model, inputs = self._model, self._to_inputs(x)
+        return self._compiled("forward", lambda t: model(t, training=False), inputs)(inputs).numpy()
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
         """A compiled step for ``spec`` and the current trainable set (the core drops it as soon as the
         policy changes what trains, so a stale step, keras#6405, is never run)."""
         variables = self.trainable_variables()
         rngs = [(self._rng_prefix + t.name, t.variable) for t in self._tensors if t.info.kind == "rng"]
-        if self._shared_key is not None and variables:
+        if self._shared_key is not None and variables and spec.precision != "float16":  # float16 scales its loss
             return SharedStepTrainer(self._model, rngs, spec, (*self._shared_key, replace(spec, seed=0)))
-        return KerasTrainer(self._model, variables, rngs, spec)
+        return KerasTrainer(self._model, variables, rngs, spec, self._to_inputs)
 
     def _stochastic_layers(self) -> list[str]:
         return freeze.stochastic_layers(self._model, self._order)
 
     # ---------------------------------------------------------------- cutting and heads
-    def _graph(self, what: str) -> keras.Model:
+    def _graph(self) -> keras.Model | None:
         """The native model as a graph model (a subclassed one whose layers run in sequence becomes a
-        Sequential sharing its layers), or a CutError saying why it cannot be."""
+        built Sequential sharing its layers); None for a model without a layer graph."""
         if self._chain is None:
+            if isinstance(self._model, Sequential) and not self._model.built:  # e.g. a zoo model's cut copy
+                self._model.build((None, *self.input_shape))
             return self._model
-        if self._chain.sequential:
-            return cut.as_sequential(self._model, self._chain)
-        raise CutError(
-            f"cannot {what} {type(self._model).__name__} {self._model.name!r}: it is a subclassed keras.Model, "
-            f"which has no layer graph, and tlcore cannot run its top-level layers in sequence because "
-            f"{self._chain.reason}. Build it with the functional API (keras.Model(inputs, outputs)) or as a "
-            "keras.Sequential, or put the part to keep in its own Sequential/functional model")
+        if not self._chain.sequential:
+            return None
+        if self._sequential is None:
+            self._sequential = cut.as_sequential(self._model, self._chain)
+            self._sequential.build((None, *self.input_shape))
+        return self._sequential
+
+    def _top_names(self) -> list[str]:
+        return top_level(self._layers)
 
     def _cut(self, last: str | None, layers: list[str]) -> KerasModel:
-        if last is None and self._chain is not None and not self._chain.sequential:
-            copy = cut.copy_model(self._model, _named, self.input_shape)  # whole, from its config
-        else:
-            graph = self._graph("cut")
+        order = None
+        if self._chain is not None and not self._chain.sequential:
+            # no layer graph: copy, then cut by running the model's own call (CaptureCut)
+            copy = cut.copy_model(self._model, _named, self.input_shape)
+            if last is not None:
+                copy = cut.capture_cut(copy, last, dropped_layers(self._layers, layers))
+            if isinstance(copy, cut.Wrapper):
+                order = top_level(layers)
+        else:  # a graph model, or a subclassed one run in sequence as an (unbuilt) Sequential of its layers
+            graph = self._model if self._chain is None else cut.as_sequential(self._model, self._chain)
             top, _, inner = (last or "").partition(".")
             # cut at the top level first (no side effect on the original), copy, then cut inside the copy
             copy = cut.copy_model(cut.cut_graph(graph, top) if top else graph, _named, self.input_shape)
@@ -200,33 +238,65 @@ class KerasModel(Model):
             if isinstance(copy, Sequential) and not copy.built:
                 copy.build((None, *self.input_shape))
         return KerasModel(copy, input_shape=self.input_shape, kinds=self._kinds, canonical=self.canonical,
-                          canonical_layers=self._canonical_layers, meta=self.meta)
+                          canonical_layers=self._canonical_layers, meta=self.meta, order=order)
 
-    def _feature_shape(self, x: np.ndarray | None) -> tuple | None:
-        self._graph("attach a head to")  # a model that cannot take a head says so now
-        if self._chain is None or self._chain.sequential:
-            base = self._graph("attach a head to")
-            if isinstance(base, Sequential) and not base.built:
-                base.build((None, *self.input_shape))
-            if len(base.outputs) != 1:
-                raise CutError(f"{base.name!r} has {len(base.outputs)} outputs; cut it at a layer with one output "
-                               "before attaching a head")
-            shape = tuple(base.outputs[0].shape[1:])
+    def _feature_shape(self, x: Any) -> tuple | None:
+        graph = self._graph()
+        if graph is not None:
+            if len(graph.outputs) != 1:
+                raise CutError(f"{graph.name!r} has {len(graph.outputs)} outputs; cut it at a layer with one "
+                               "output before attaching a head")
+            shape = tuple(graph.outputs[0].shape[1:])
             if x is None or all(d is not None for d in shape):
                 return shape
-        elif x is None:
-            return None
-        return tuple(self._forward(x[:1]).shape[1:])
+        elif x is None:  # no graph: one forward pass on zeros, where the input shape is known
+            if not data.fully_known(self.input_shape):
+                return None
+            x = np.zeros((1, *self.input_shape), np.float32)
+        return tuple(self._forward(data.take(x, slice(0, 1))).shape[1:])
 
     def _attach_head(self, plan: HeadPlan, name: str, values: dict[str, np.ndarray]) -> None:
-        base = self._graph("attach a head to")
-        symbolic = tuple(base.outputs[0].shape[1:])
-        feature_shape = plan.feature_shape if plan.spec.pool == "flatten" and None in symbolic else symbolic
-        head = build_head(plan, values, feature_shape, name)
+        graph = self._graph()
+        if graph is not None:
+            symbolic = tuple(graph.outputs[0].shape[1:])
+            feature_shape = plan.feature_shape if plan.spec.pool == "flatten" and None in symbolic else symbolic
+            head = build_head(plan, values, feature_shape, name)
+            native, order = cut.append_head(graph, head), None
+        else:
+            feature_shape = plan.feature_shape
+            head = build_head(plan, values, feature_shape, name)
+            native, order = cut.WithHead(self._model, head), [*self._top_names(), name]
         kinds = {**self._kinds, name: "Head", **{f"{name}.{layer.name}": type(layer).__name__
                                                  for layer in cut.children(head)}}
         self._canonical_layers += (name,)
-        self._set_model(cut.append_head(base, head), self.input_shape, kinds)
+        self._head_shape = tuple(feature_shape)
+        self._set_model(native, self.input_shape, kinds, order)
+
+    def _attach_native_head(self, name: str, head: Any) -> None:
+        """Append the user's own Keras layer or model ``head`` (renamed ``name``) after this model's
+        output as it is; it trains, and its tensors are named ``name.``... An unbuilt head is built on
+        the features' shape (a model without a layer graph needs its input shape for that)."""
+        if not isinstance(head, keras.layers.Layer):
+            raise UnsupportedModelError(f"a head for a keras model must be a keras.layers.Layer or a keras.Model "
+                                        f"(or a tl.Head), got {type(head).__qualname__}")
+        graph = self._graph()
+        shape = self._feature_shape(None)
+        if graph is None and not head.built and (shape is None or None in shape):
+            raise UnsupportedModelError(
+                f"the head {type(head).__name__} is not built and the shape of the features it takes is unknown "
+                f"({shape}); build it first (e.g. head.build((None, *feature_shape))), or pass input_shape=(...) "
+                "to tl.finetune")
+        head.name = name  # its name in the model; the core picked one no other layer has
+        if graph is not None:
+            native, order = cut.append_head(graph, head), None  # calling it on the features builds it
+        else:
+            if not head.built:
+                head(np.zeros((1, *shape), np.float32))
+            native, order = cut.WithHead(self._model, head), [*self._top_names(), name]
+        kinds = {**self._kinds, name: type(head).__name__,
+                 **{f"{name}.{p}": type(layer).__name__ for p, layer in freeze.named_layers(head)}}
+        self._head_shape = shape
+        self._set_model(native, self.input_shape, kinds, order)
 
     def _output_shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple]:
         shapes: dict[str, tuple] = {}
@@ -243,51 +313,65 @@ class KerasModel(Model):
         return shapes
 
     # ---------------------------------------------------------------- feature caching
-    def _head_layer(self) -> keras.Model:
+    def _head_layer(self) -> keras.layers.Layer:
         return cut.get_path(self._model, self._head)
 
-    def _features(self, x: np.ndarray) -> np.ndarray:
-        """The frozen part's output, already pooled by the head's (weightless) ``pool`` layer: the
-        cached features are then small, and :meth:`_head_model` starts after the pool."""
+    def _features(self, x: Any) -> np.ndarray:
+        """The head's input; for a head built by tlcore already pooled by its (weightless) ``pool``
+        layer with the batch's attention mask: the cached features are then small, and
+        :meth:`_head_model` starts after the pool."""
         return self._batched_features(x)
 
-    def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
-        fn, variables = self._feature_function(x)
+    def _batched_features(self, x: Any, batch_size: int = FEATURE_BATCH) -> np.ndarray:
+        fn, variables = self._feature_function(self._to_inputs(data.take(x, slice(0, 1))))
         values = [tf.convert_to_tensor(v) for v in variables]  # read once for all chunks
-        return np.concatenate([fn(x[i:i + batch_size], values).numpy() for i in range(0, len(x), batch_size)])
+        return np.concatenate([fn(self._to_inputs(data.take(x, slice(i, i + batch_size))), values).numpy()
+                               for i in range(0, data.num_samples(x), batch_size)])
 
-    def _feature_function(self, x: np.ndarray) -> tuple:
-        """``(fn, variables)``: ``fn(batch, values of variables)`` computes the pooled features. It is
-        traced once per process for all models of the same structure (:mod:`.shared`)."""
-        key = ("features", x.shape[1:])
-        if key not in self._fns:
-            pool = cut.children(self._head_layer())[0]
-            features = keras.Model(cut.single(self._model.inputs), cut.head_input(self._model, self._head_layer()))
-            variables = [*features.variables, *pool.variables]
+    def _feature_function(self, inputs: Any) -> tuple:
+        """``(fn, variables)``: ``fn(batch, values of variables)`` computes the (pooled) features of a
+        batch structured like ``inputs``. It is traced once per process for all graph models of the
+        same structure (:mod:`.shared`)."""
+        key = ("features", structure_key(inputs))
+        if key in self._fns:
+            return self._fns[key]
+        head = self._head_layer()
+        pool = cut.children(head)[0] if is_tlcore_head(head) else None
+        graph = cut.is_graph(self._model)
+        features = keras.Model(cut.input_struct(self._model), cut.head_input(self._model, head)) if graph \
+            else self._model.body  # a WithHead: the head's input is its body's output
+        variables = [*features.variables, *(pool.variables if pool is not None else [])]
+        spec = self._input_spec
 
-            def make():
-                def run(batch, values):
-                    with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                        return pool(features(batch, training=False))
-                signature = [tf.TensorSpec((None, *x.shape[1:]), tf.float32),
-                             [tf.TensorSpec(v.shape, v.dtype) for v in variables]]
-                return tf.function(run, input_signature=signature, autograph=False).get_concrete_function()
+        def make():
+            def run(batch, values):
+                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                    out = features(batch, training=False)
+                    return out if pool is None else pool(out, mask=mask_of(batch, spec))
+            sig = [signature(inputs), [tf.TensorSpec(v.shape, v.dtype) for v in variables]]
+            return tf.function(run, input_signature=sig, autograph=False).get_concrete_function()
 
-            structure = shared.structure_key(features)
-            pool_key = shared.structure_key(pool)
-            fn = make() if structure is None or pool_key is None else \
-                shared.shared(("features", structure, pool_key, x.shape[1:]), make)
-            self._fns[key] = (fn, variables)
+        structure = shared.structure_key(features) if graph else None
+        pool_key = "none" if pool is None else shared.structure_key(pool)
+        masked = spec.names.index(MASK_INPUT) if spec is not None and MASK_INPUT in spec.names else None
+        fn = make() if structure is None or pool_key is None else \
+            shared.shared(("features", structure, pool_key, masked, structure_key(inputs)), make)
+        self._fns[key] = (fn, variables)
         return self._fns[key]
 
     def _head_model(self) -> KerasModel:
-        """The head after its ``pool`` layer (see :meth:`_features`), sharing its weights."""
+        """The head alone, sharing its weights: for a head built by tlcore, the layers after its
+        ``pool`` (see :meth:`_features`); a user's own head as it is."""
         head = self._head_layer()
+        prefix = f"{self._head}."
+        kinds = {p[len(prefix):]: k for p, k in self._kinds.items() if p.startswith(prefix)}
+        if not is_tlcore_head(head):
+            native = head if isinstance(head, keras.Model) else cut.LayerModel(head)
+            return KerasModel(native, input_shape=self._head_shape, kinds=kinds,
+                              rng_prefix=f"{self._rng_prefix}{prefix}")
         pool, *rest = cut.children(head)
         pooled = tuple(pool.compute_output_shape((None, *head.inputs[0].shape[1:]))[1:])
         model = Sequential([keras.Input(pooled), *rest], name=head.name)
-        prefix = f"{self._head}."
-        kinds = {p[len(prefix):]: k for p, k in self._kinds.items() if p.startswith(prefix)}
         head_model = KerasModel(model, input_shape=pooled, kinds=kinds, head_spec=self.head_spec,
                                 rng_prefix=f"{self._rng_prefix}{prefix}", canonical=True)
         head_model._shared_key = ("head", self.head_spec, pooled)

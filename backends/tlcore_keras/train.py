@@ -33,6 +33,15 @@ XLA only wins on the tiny reference net, by under 1 ms a step, after 2 s more co
 is 42% slower with full fine-tuning. ``autograph=False``: the step has no Python control flow on
 tensors, and tracing is quicker without the conversion.
 
+Inputs and precision. The step takes a batch as the model is called (one array, a list of its
+inputs in order, or a dict; ``inputs.py``), traced once per structure of per-sample shapes and
+dtypes. ``precision="bfloat16"``/``"float16"`` traces it with Keras' mixed dtype policies on the
+model's layers (:func:`mixed_precision`: 16-bit computation on the float32 variables, which stay the
+master weights; the loss in float32), restored right after tracing, so predictions stay float32;
+float16 adds Keras' dynamic loss scaling (``LossScaleOptimizer``: a step whose gradients overflow is
+skipped and the scale halved). An operation with no 16-bit version raises
+:class:`PrecisionNotSupportedError` before anything is trained.
+
 A compiled step belongs to one trainable set: ``KerasModel`` reuses it across fits only while the
 policy and the optimizer spec are unchanged, and builds a new one as soon as what trains changes, so
 changing ``trainable`` after compiling (the stale-compile pitfall, keras#6405) cannot happen.
@@ -43,14 +52,21 @@ Example:
 """
 from __future__ import annotations
 
+import re
 import zlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
 from tlcore.backend import Trainer
 from tlcore.optim import OptimizerSpec, TrainSpec
 
-from ._keras import in_stateless_scope, keras, tf, variable_index
+from . import PrecisionNotSupportedError
+from ._keras import InputLayer, flatten_layers, in_stateless_scope, keras, tf, variable_index
+from .inputs import signature as signature_of
+from .inputs import structure_key
 from .shared import shared
 
 ops = keras.ops
@@ -264,6 +280,57 @@ def seed_rngs(rng_vars: list[tuple[str, object]], seed: int) -> None:
         var.assign(np.array([value, 0], dtype=var.dtype))
 
 
+#: tlcore's precision -> the Keras dtype policy its training step runs under (float32 variables)
+POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+@contextmanager
+def mixed_precision(model: keras.Model, precision: str):
+    """While active, every float32 layer of ``model`` has Keras' mixed dtype policy for ``precision``
+    (``mixed_bfloat16``/``mixed_float16``: it computes in 16 bits on float32 variables, the master
+    weights); the policies are restored after. A step traced inside keeps that precision; whatever
+    is traced outside (predictions) stays float32. ``"float32"`` changes nothing."""
+    if precision == "float32":
+        yield
+        return
+    policy = keras.DTypePolicy(POLICIES[precision])
+    changed = []
+    for layer in [model, *flatten_layers(model)]:
+        if isinstance(layer, InputLayer) or layer.dtype_policy.name != "float32":
+            continue  # inputs keep their dtype; a layer with its own policy keeps it
+        changed.append((layer, layer.dtype_policy))
+        layer.dtype_policy = policy
+    try:
+        yield
+    finally:
+        for layer, old in changed:
+            layer.dtype_policy = old
+
+
+#: what TensorFlow says when an operation has no kernel (at run time) or no definition (when traced)
+#: for a dtype
+_NO_KERNEL = ("OpKernel", "not in list of allowed values", "not in the list of allowed values")
+
+
+@contextmanager
+def precision_errors(precision: str):
+    """Turn TensorFlow's "this operation does not exist for this dtype" (raised when the step is
+    traced or first run) into a :class:`PrecisionNotSupportedError`; nothing has run then."""
+    try:
+        yield
+    except (TypeError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+        text = str(e)
+        if precision == "float32" or not any(k in text for k in _NO_KERNEL):
+            raise
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
+        detail = next((line for line in lines if any(k in line for k in _NO_KERNEL)), lines[0] if lines else "")
+        raise PrecisionNotSupportedError(
+            f"precision={precision!r} is not possible with this TensorFlow build on "
+            f"{tf.config.list_logical_devices()[0].device_type}: an operation of the model does not exist for "
+            f"{precision} ({detail[:300]}). Use precision='float32'"
+            + (" or 'bfloat16'" if precision == "float16" else " or 'float16'")) from None
+
+
 class KerasTrainer(Trainer):
     """One ``tf.function`` training step for a fixed trainable set.
 
@@ -272,35 +339,46 @@ class KerasTrainer(Trainer):
             have ``trainable=False`` and so run in inference mode).
         variables: the trainable variables (the optimizer's only state and decay targets).
         rng_vars: ``(key, seed state)`` of the random layers, reset from ``spec.seed``.
-        spec: optimizer, loss, clipping and seed.
+        spec: optimizer, loss, clipping, seed and precision (see :func:`mixed_precision`; float16
+            adds Keras' dynamic loss scaling, ``LossScaleOptimizer``).
+        to_inputs: turns a numpy batch (an array, a dict or a tuple) into what the model is called
+            with (see ``inputs.ModelInputs``).
         jit_compile: compile the step with XLA.
     """
 
     def __init__(self, model: keras.Model, variables: list, rng_vars: list, spec: TrainSpec,
-                 jit_compile: bool = JIT_COMPILE):
+                 to_inputs: Callable[[Any], Any] = lambda x: x, jit_compile: bool = JIT_COMPILE):
         self.model, self.variables, self.spec, self.rng_vars = model, list(variables), spec, rng_vars
+        self.to_inputs = to_inputs
         self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm) if self.variables else None
+        #: float16's loss scaling (None otherwise): Keras' dynamic scale around the optimizer
+        self.scaler = None
+        if self.optimizer is not None and spec.precision == "float16":
+            self.scaler = keras.optimizers.LossScaleOptimizer(self.optimizer)
         if self.optimizer is not None:
-            self.optimizer.build(self.variables)
+            (self.scaler or self.optimizer).build(self.variables)
         self.jit_compile = jit_compile
         self._fns: dict[tuple, object] = {}
         self._zero_state = None
         if self.optimizer is not None:
             # one compiled call zeroes the whole optimizer state: one eager assign per slot variable
             # costs ~0.2 ms each, i.e. ~3 ms per step on resnet18 over an 8-step fit
-            state = [self.optimizer.iterations] + [v for slots in self.optimizer._state.values() for v in slots]
+            state = [(v, 0) for v in [self.optimizer.iterations, *(v for slots in self.optimizer._state.values()
+                                                                     for v in slots)]]
+            if self.scaler is not None:
+                state += [(self.scaler.step_counter, 0), (self.scaler.dynamic_scale, self.scaler.initial_scale)]
 
             def zero_state():
-                for v in state:
-                    v.value.assign(tf.zeros(v.shape, v.dtype))
+                for v, initial in state:
+                    v.value.assign(tf.fill(v.shape, tf.cast(initial, v.dtype)))
 
             self._zero_state = tf.function(zero_state, input_signature=[], autograph=False)
         self.reset(spec.seed, fresh=True)
 
     def reset(self, seed: int, fresh: bool = False) -> None:
-        """Start a new ``fit`` with this (already compiled) step: fresh optimizer state, random
-        layers reseeded from ``seed``; ``compilations`` then counts this fit's traces only.
-        ``fresh``: the optimizer was just built (its state is already zero; nothing to trace)."""
+        """Start a new ``fit`` with this (already compiled) step: fresh optimizer state (and loss
+        scale), random layers reseeded from ``seed``; ``compilations`` then counts this fit's traces
+        only. ``fresh``: the optimizer was just built (its state is already zero; nothing to trace)."""
         if self._zero_state is not None and not fresh:
             if isinstance(self._zero_state, tf.types.experimental.PolymorphicFunction):
                 self._zero_state = self._zero_state.get_concrete_function()  # traced on first reuse only
@@ -314,32 +392,40 @@ class KerasTrainer(Trainer):
             for v in self.variables:
                 tape.watch(v.value)
             out = self.model(x, training=True)
-            loss, correct = loss_and_correct(out, y, self.spec.loss)
+            loss, correct = loss_and_correct(tf.cast(out, tf.float32), y, self.spec.loss)  # the loss in float32
             extra = self.model.losses  # regularisation terms of the model's layers, as Keras' fit adds
-            objective = loss + tf.add_n(extra) if extra else loss
+            objective = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) if extra else loss
+            if self.scaler is not None:
+                objective = self.scaler.scale_loss(objective)
         if self.optimizer is not None:
             grads = tape.gradient(objective, [v.value for v in self.variables])
-            self.optimizer.apply(grads, self.variables)
-        return loss * tf.cast(tf.shape(x)[0], loss.dtype), correct
+            if self.scaler is None:
+                self.optimizer.apply(grads, self.variables)
+            else:  # unscaled, clipped and applied only when every gradient is finite (else the scale halves)
+                self.scaler.apply(dense(grads), self.variables)
+        return loss * tf.cast(tf.shape(y)[0], loss.dtype), correct
 
-    def step(self, x: np.ndarray, y: np.ndarray):
-        key = (x.shape[1:], x.dtype, y.shape[1:], y.dtype)
+    def step(self, x: Any, y: np.ndarray):
+        x = self.to_inputs(x)
+        key = (structure_key(x), y.shape[1:], y.dtype)
         fn = self._fns.get(key)
         if fn is None:  # one trace per per-sample shape: the batch size (a short last batch) is free
-            signature = [tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
-                         tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype))]
+            signature = [signature_of(x), tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype))]
             # called as its concrete function: the signature is fixed, so the polymorphic function's
             # dispatch (cache lookup, binding) would only add ~0.15 ms of Python per step
-            fn = self._fns[key] = tf.function(self._train_step, input_signature=signature,
-                                              jit_compile=self.jit_compile,
-                                              autograph=False).get_concrete_function()
+            with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
+                fn = tf.function(self._train_step, input_signature=signature, jit_compile=self.jit_compile,
+                                 autograph=False).get_concrete_function()
+            self._fns[key] = fn
+            with precision_errors(self.spec.precision):  # a missing kernel shows on the first run
+                return fn(x, y)
         return fn(x, y)
 
     def optimizer_state_bytes(self) -> int:
         if self.optimizer is None:
             return 0
         return int(sum(np.prod(v.shape, dtype=np.int64) * np.dtype(v.dtype).itemsize
-                       for v in self.optimizer.variables))
+                       for v in (self.scaler or self.optimizer).variables))
 
 
 _traces = [0]  # traces of shared steps so far (a list: updated from inside traced functions)
@@ -377,8 +463,8 @@ class SharedStepTrainer(Trainer):
         with tf.GradientTape() as tape:
             tape.watch(weights)
             out, states, extra = self.model.stateless_call(weights, states, x, training=True, return_losses=True)
-            loss, correct = loss_and_correct(out, y, self.spec.loss)
-            objective = loss + tf.add_n(extra) if extra else loss
+            loss, correct = loss_and_correct(tf.cast(out, tf.float32), y, self.spec.loss)
+            objective = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) if extra else loss
         grads = dense(tape.gradient(objective, weights))
         if self.spec.clip_grad_norm is not None:
             grads = clip_by_global_norm(grads, self.spec.clip_grad_norm)
@@ -416,8 +502,9 @@ class SharedStepTrainer(Trainer):
 
     def _run(self, x: np.ndarray, y: np.ndarray, batches: np.ndarray) -> list[tuple]:
         before = _traces[0]
-        losses, corrects, self.weights, self.states, self.slots, self.iteration = self._function(x, y)(
-            x, y, batches, self.weights, self.states, self.slots, self.iteration)
+        with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
+            losses, corrects, self.weights, self.states, self.slots, self.iteration = self._function(x, y)(
+                x, y, batches, self.weights, self.states, self.slots, self.iteration)
         self.compilations += _traces[0] - before
         return list(zip(losses.numpy(), corrects.numpy()))
 

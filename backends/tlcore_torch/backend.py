@@ -35,6 +35,17 @@ class CustomNet(nn.Module):
         return self.fc(self.pool(x))
 
 
+class TokenNet(nn.Module):
+    """Token features from token ids: ``embed`` (Embedding(20, 8)), then ``proj`` (Linear(8, 8))."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(20, 8), nn.Linear(8, 8)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(self.embed(input_ids))
+
+
 class TorchBackend(Backend):
     """Wraps any ``torch.nn.Module``; inputs use the module's own layout (e.g. NCHW)."""
 
@@ -55,6 +66,8 @@ class TorchBackend(Backend):
             torch.manual_seed(seed)
             if variant == "custom":
                 return TorchModel(CustomNet(), input_shape=(3, 8, 8))
+            if variant == "tokens":
+                return TorchModel(TokenNet())
             net = nn.Sequential(OrderedDict(
                 conv1=nn.Conv2d(3, 8, 3, padding=1), bn1=nn.BatchNorm2d(8), relu1=nn.ReLU(),
                 conv2=nn.Conv2d(8, 16, 3, padding=1), bn2=nn.BatchNorm2d(16), relu2=nn.ReLU(),

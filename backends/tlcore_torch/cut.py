@@ -1,8 +1,10 @@
 """The structure of ``nn.Module``s: cut points, names, cutting, and appending a head.
 
-* Cut points are the children of a module in registration order; the children of ``nn.Sequential``,
-  ``nn.ModuleList`` and ``nn.ModuleDict`` containers are listed after them (``layer1``,
-  ``layer1.0``...).
+* Cut points are the children of a module in registration order, each container followed by its own
+  children (``layer1``, ``layer1.0``...). Containers are ``nn.Sequential``, ``nn.ModuleList`` and
+  ``nn.ModuleDict``, a module that holds a ``ModuleList``/``ModuleDict`` (it runs a list of blocks,
+  as a Hugging Face encoder), and a Hugging Face ``PreTrainedModel`` inside another (``bert`` in
+  ``BertForSequenceClassification``): so ``bert.embeddings``, ``bert.encoder.layer.0`` ... are cut points.
 * A cut inside a chain of ``nn.Sequential`` containers slices them (a plain ``nn.Sequential``).
   Any other cut runs the model's own ``forward`` and stops when the layer to cut at returns
   (:class:`CutModule`): whatever Python the model runs works, and every layer keeps its own
@@ -19,13 +21,14 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Any
 
-from tlcore.errors import CutError
+from tlcore.errors import CutError, DataError, unknown_name_message
 
 from ._torch import nn, torch
-from .head import Pool
+from .head import HeadModule, Pool
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 GLOBAL_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
@@ -96,7 +99,8 @@ class CutModule(nn.Module):
 
 class WithHead(nn.Module):
     """``head(body(...))``: a head appended to a module that is not an ``nn.Sequential``; the head
-    is registered as child ``name`` and takes :func:`primary_output` of ``body``."""
+    is registered as child ``name`` and takes :func:`primary_output` of ``body`` (and the
+    ``attention_mask`` keyword input, when tlcore built the head and the model was given one)."""
 
     def __init__(self, body: nn.Module, name: str, head: nn.Module):
         super().__init__()
@@ -104,7 +108,11 @@ class WithHead(nn.Module):
         self.add_module(name, head)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_submodule(self.head_name)(primary_output(self.body(*args, **kwargs)))
+        features = primary_output(self.body(*args, **kwargs))
+        head = self.get_submodule(self.head_name)
+        if isinstance(head, HeadModule):
+            return head(features, kwargs.get("attention_mask"))
+        return head(features)
 
 
 class Dropped(nn.Module):
@@ -152,6 +160,18 @@ def modules_by_name(module: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def is_pretrained_model(module: nn.Module) -> bool:
+    """A Hugging Face ``PreTrainedModel`` (told by its classes' names: transformers is not imported)."""
+    return any(cls.__name__ == "PreTrainedModel" for cls in type(module).__mro__)
+
+
+def is_container(module: nn.Module) -> bool:
+    """A module whose children are cut points themselves (see the module docstring)."""
+    if isinstance(module, CONTAINERS) or is_pretrained_model(module):
+        return True
+    return any(isinstance(c, (nn.ModuleList, nn.ModuleDict)) for c in module.children())
+
+
 def layer_names(module: nn.Module, prefix: str = "") -> list[str]:
     """Children in registration order, containers followed by their own (dotted) children; the
     ``body`` of a wrapper is listed in its place."""
@@ -162,9 +182,126 @@ def layer_names(module: nn.Module, prefix: str = "") -> list[str]:
             continue
         full = f"{prefix}{name}"
         names.append(full)
-        if isinstance(child, CONTAINERS):
+        if is_container(child):
             names += layer_names(child, full + ".")
     return names
+
+
+def example_input(module: nn.Module, input_shape: tuple | None) -> tuple[tuple, dict] | None:
+    """``(args, kwargs)`` of a tiny batch the module takes, from a fully known ``input_shape`` or a
+    Hugging Face model's own example (``dummy_inputs``; an image of the config's size); else None."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    if input_shape is not None and None not in input_shape:
+        return (torch.zeros((1, *input_shape), device=device),), {}
+    if not is_pretrained_model(module):
+        return None
+    config = getattr(module, "config", None)
+    if getattr(module, "main_input_name", "") == "pixel_values" and config is not None:
+        size = getattr(config, "image_size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return (), {"pixel_values": torch.zeros((1, getattr(config, "num_channels", 3), *size), device=device)}
+    try:
+        return (), {k: v[:1].to(device) for k, v in module.dummy_inputs.items()}
+    except Exception:  # a model without usable dummy inputs: its registration order stands
+        return None
+
+
+def call_order(module: nn.Module, names: list[str], example: tuple[tuple, dict] | None) -> list[str]:
+    """``names`` (tlcore layer names) sorted by when each layer first runs in one inference forward
+    pass on ``example`` (a container before its children; layers that never run last), so that
+    "the last layers" are the last to run, not the last registered (DistilBERT registers its
+    ``dropout`` after its ``classifier``). Without an example, if it fails, or if a layer does not run
+    on it (data-dependent code), ``names`` as they are."""
+    if example is None:
+        return list(names)
+    subs, first, hooks = modules_by_name(module), {}, []
+
+    def record(name: str) -> None:  # a pre-hook returning something would replace the inputs
+        first.setdefault(name, len(first))
+
+    for name in names:
+        if name in subs:
+            hooks.append(subs[name].register_forward_pre_hook(lambda m, a, name=name: record(name)))
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(*example[0], **example[1])
+    except Exception:
+        return list(names)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    for name in names:  # a container that is iterated, not called (a ModuleList), runs with its first child
+        inner = [first[n] for n in first if n.startswith(name + ".")]
+        if name not in first and inner:
+            first[name] = min(inner) - 0.5
+    if any(name not in first for name in names):  # the example skipped a layer (data-dependent code):
+        return list(names)                         # its place is unknown, so registration order stands
+    return sorted(names, key=lambda n: first[n])
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The user's model inside tlcore's wrappers (whose forward passes its inputs on)."""
+    while isinstance(module, WRAPPERS):
+        module = module.body
+    return module
+
+
+def check_call(module: nn.Module, x: Any) -> None:
+    """Refuse (``DataError``) inputs the model's ``forward`` cannot take: a dict with a name it has no
+    parameter for or without one it needs (a Hugging Face model's ``main_input_name`` included), or
+    more or fewer positional arrays than it takes."""
+    model = innermost(module)
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    kinds = {p.kind for p in params}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in positional if p.default is p.empty]
+    what = f"{type(model).__name__}.forward"
+    if isinstance(x, dict):
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [k for k in x if k not in names]
+        hf = is_pretrained_model(model)  # its **kwargs are options, not inputs: a typo would be ignored
+        if unknown and (hf or inspect.Parameter.VAR_KEYWORD not in kinds):
+            raise DataError(unknown_name_message(f"input of {what}", unknown[0], names))
+        main = getattr(model, "main_input_name", None) if hf else None
+        missing = [n for n in required if n not in x]
+        if main and main not in x and not any(k.endswith("_embeds") for k in x):
+            missing.append(main)
+        if missing:
+            raise DataError(f"x has no {missing[0]!r}, which {what} needs; give x as a dict with the keys "
+                            f"{sorted({*x, *missing})}")
+        return
+    count = len(x) if isinstance(x, tuple) else 1
+    if inspect.Parameter.VAR_POSITIONAL not in kinds and count > len(positional):
+        raise DataError(f"x gives {count} positional input(s) but {what} takes {len(positional)}: "
+                        f"{[p.name for p in positional]}")
+    if count < len(required):
+        raise DataError(f"x gives {count} positional input(s) but {what} needs {required}; give a tuple of "
+                        f"{len(required)} arrays, or a dict by name")
+
+
+def timm_head(module: nn.Module) -> str | None:
+    """For a timm model whose classifier sits inside a head module with its own pooling and norm
+    (ConvNeXt's ``head.fc`` in ``head``), the name of that head module; else None (the cut before the
+    classifier already gives the pooled features)."""
+    if not all(hasattr(module, a) for a in ("reset_classifier", "get_classifier", "forward_head", "num_features")):
+        return None
+    classifier = module.get_classifier()
+    name = next((n for n, m in modules_by_name(module).items() if m is classifier), "")
+    return name.split(".")[0] if "." in name else None
+
+
+def timm_pre_logits(module: nn.Module) -> tuple[nn.Module, int]:
+    """``module`` (changed in place) with timm's own classifier removed (``reset_classifier(0)``): its
+    output is timm's pooled pre-logits features; and their width."""
+    module.reset_classifier(0)
+    return module, int(getattr(module, "head_hidden_size", None) or module.num_features)
 
 
 def native_path(module: nn.Module, name: str) -> str:
@@ -228,9 +365,12 @@ def first_leaf(module: nn.Module) -> nn.Module:
         module = children[0]
 
 
-def is_global_pool(module: nn.Module) -> bool:
-    """A layer whose output has one value per channel: adaptive pooling to size 1, timm's
-    ``SelectAdaptivePool2d``, a ``Flatten`` (its width is what the next dense layer takes)."""
+def feeds_dense_as_is(module: nn.Module) -> bool:
+    """A layer whose output the next dense layer takes as it is, so that layer's ``in_features`` is the
+    head's width: global pooling (adaptive pooling to size 1, timm's ``SelectAdaptivePool2d``),
+    ``Flatten``, and the dropout before a classifier (Hugging Face's ``dropout`` before ``classifier``)."""
+    if isinstance(module, (nn.Dropout, nn.Identity)):
+        return True
     if isinstance(module, GLOBAL_POOLS):
         size = module.output_size
         return all(s == 1 for s in (size if isinstance(size, tuple) else (size,)))

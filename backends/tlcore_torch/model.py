@@ -12,18 +12,20 @@ from typing import Any
 
 import numpy as np
 
+from tlcore import data
 from tlcore.checkpoint import contiguous
-from tlcore.cut import in_layer
-from tlcore.errors import FreezePolicyError
+from tlcore.cut import dropped_layers
+from tlcore.errors import FreezePolicyError, UnsupportedModelError
 from tlcore.freeze import Resolved, TensorInfo
 from tlcore.head import HeadPlan
 from tlcore.model import Model
 from tlcore.optim import TrainSpec
 
 from ._torch import nn, torch
-from .cut import append_head, cut_module, first_leaf, is_global_pool, layer_names, modules_by_name, primary_output
+from .cut import (append_head, call_order, check_call, cut_module, example_input, feeds_dense_as_is, first_leaf, layer_names,
+                  modules_by_name, primary_output, timm_head, timm_pre_logits)
 from .freeze import apply_mask, is_stochastic, tensor_infos, train_mode
-from .head import build_head
+from .head import HeadModule, build_head
 from .train import TorchTrainer
 
 
@@ -61,7 +63,10 @@ class TorchModel(Model):
         self.nhwc = nhwc
         self._static_width = static_width
         self._names: dict[str, Any] | None = None
-        self._layers = layers if layers is not None else layer_names(module)
+        if layers is None:
+            shape = kwargs.get("input_shape") or infer_input_shape(module)
+            layers = call_order(module, layer_names(module), example_input(module, shape))
+        self._layers = layers
         subs = modules_by_name(module)
         self._kinds = {n: type(subs[n]).__name__ for n in self._layers if n in subs}
         self._kinds.update(kinds or {})
@@ -120,44 +125,75 @@ class TorchModel(Model):
                 "change what trains with model.freeze(tl.FreezePolicy...) instead")
 
     # ---------------------------------------------------------------- inference
-    def _to_module(self, x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(x)
-        return t.permute(0, 3, 1, 2) if self.nhwc and t.ndim == 4 else t
+    @property
+    def device(self) -> torch.device:
+        """Where the module's weights are (inputs are moved there; CPU for a module without any)."""
+        first = next(self._module.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        t = t.permute(0, 3, 1, 2) if self.nhwc and t.ndim == 4 else t
+        return t.to(self.device, non_blocking=True)
+
+    def _to_module(self, x: Any) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` to call the module with: one tensor, keyword tensors (a dict: named
+        inputs, as Hugging Face's ``input_ids``/``attention_mask``) or positional ones (a tuple)."""
+        if isinstance(x, dict):
+            return (), {k: self._tensor(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return tuple(self._tensor(v) for v in x), {}
+        return (self._tensor(x),), {}
+
+    def _check_inputs(self, x: Any) -> None:
+        check_call(self._module, x)
+
+    def _call(self, x: Any) -> Any:
+        args, kwargs = self._to_module(x)
+        return self._module(*args, **kwargs)
 
     def _from_module(self, out: Any) -> np.ndarray:
         out = primary_output(out)
-        return (out.permute(0, 2, 3, 1) if self.nhwc and out.ndim == 4 else out).detach().numpy()
+        return (out.permute(0, 2, 3, 1) if self.nhwc and out.ndim == 4 else out).detach().cpu().numpy()
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
+    def _forward(self, x: Any) -> np.ndarray:
         if self._module.training:
             self._module.eval()
         with torch.inference_mode():
-            return self._from_module(self._module(self._to_module(x)))
+            return self._from_module(self._call(x))
 
-    def _features(self, x: np.ndarray) -> np.ndarray:
+    def _features(self, x: Any) -> np.ndarray:
+        """The head's input, after its pool when tlcore built the head (the cached features are then
+        small, and an attention mask is used here); :meth:`_head_model` starts after it."""
         captured = {}
 
         def grab(module, inputs):
             captured["x"] = inputs[0]
             raise _StopForward
 
-        hook = self._naming()["modules"][self._head].register_forward_pre_hook(grab)
+        head = self._naming()["modules"][self._head]
+        hook = head.register_forward_pre_hook(grab)
         self._module.eval()
         try:
             with torch.inference_mode():
-                self._module(self._to_module(x))
+                self._call(x)
         except _StopForward:
             pass
         finally:
             hook.remove()
-        return self._from_module(captured["x"])
+        features = captured["x"]
+        if isinstance(head, HeadModule):
+            mask = x.get("attention_mask") if isinstance(x, dict) else None
+            with torch.inference_mode():
+                features = head.pool(features, None if mask is None else self._tensor(mask))
+        return self._from_module(features)
 
     def _head_model(self) -> TorchModel:
         head = self._naming()["modules"][self._head]
         prefix = f"{self._head}."
-        layers = [n[len(prefix):] for n in self._layers if n.startswith(prefix)]
-        return TorchModel(head, layers=layers, kinds={n[len(prefix):]: k for n, k in self._kinds.items()
-                                                      if n.startswith(prefix)},
+        inner = head.after_pool() if isinstance(head, HeadModule) else head
+        names = layer_names(inner)
+        return TorchModel(inner, layers=names, kinds={n: self._kinds.get(prefix + n, "") for n in names},
                           input_shape=None, head_spec=self.head_spec, nhwc=self.nhwc)
 
     def _stochastic_layers(self) -> list[str]:
@@ -185,13 +221,13 @@ class TorchModel(Model):
                 h.remove()
         return shapes
 
-    def _dry_run(self, x: np.ndarray) -> Any:
+    def _dry_run(self, x: Any) -> Any:
         """The module's output on ``x`` in inference mode, every layer's mode restored afterwards."""
         modes = [(m, m.training) for m in self._module.modules()]
         self._module.eval()
         try:
             with torch.no_grad():
-                return primary_output(self._module(self._to_module(x)))
+                return primary_output(self._call(x))
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -200,33 +236,44 @@ class TorchModel(Model):
     def _make_trainer(self, spec: TrainSpec) -> TorchTrainer:
         modules = self._naming()["modules"]
         frozen_bn = [modules[u] for u in self._resolved.frozen_bn_units]
-        return TorchTrainer(self._module, frozen_bn, spec, self._to_module)
+        return TorchTrainer(self._module, frozen_bn, spec, self._to_module, self.device)
 
     # ---------------------------------------------------------------- structure
     def _cut(self, last: str | None, layers: list[str]) -> TorchModel:
         module = copy.deepcopy(self._module)
         static_width = None
-        if last is not None:
-            dropped = [n for n in self._layers if n not in layers]
-            dropped = [n for n in dropped if not any(in_layer(n, d) and n != d for d in dropped)]
-            subs = self._naming()["modules"]
-            if dropped and is_global_pool(subs[last]):
+        dropped = dropped_layers(self._layers, layers)
+        subs = self._naming()["modules"]
+        if last is not None and dropped and dropped[0] == timm_head(self._module) and "." not in last:
+            module, static_width = timm_pre_logits(module)  # timm's own contract: pooled, normed features
+        elif last is not None:
+            if dropped and feeds_dense_as_is(subs[last]):
                 nxt = first_leaf(subs[dropped[0]])
                 static_width = nxt.in_features if isinstance(nxt, nn.Linear) else None
             module = cut_module(module, last, dropped)
         return TorchModel(module, layers=list(layers), kinds=self._kinds, input_shape=self.input_shape,
                           nhwc=self.nhwc, meta=self.meta, static_width=static_width)
 
-    def _feature_shape(self, x: np.ndarray | None) -> tuple | None:
+    def _feature_shape(self, x: Any) -> tuple | None:
         if x is None:
             if self.input_shape is not None and None not in self.input_shape:
                 x = np.zeros((1, *self.input_shape), np.float32)
             else:
                 return None if self._static_width is None else (self._static_width,)
-        return tuple(self._dry_run(x[:1]).shape[1:])
+        return tuple(self._dry_run(data.take(x, slice(0, 1))).shape[1:])
 
     def _attach_head(self, plan: HeadPlan, name: str, values: dict[str, np.ndarray]) -> None:
-        head = build_head(plan, values, nhwc=self.nhwc)
+        self._append(name, build_head(plan, values, nhwc=self.nhwc), "Head")
+
+    def _attach_native_head(self, name: str, head: Any) -> None:
+        if not isinstance(head, nn.Module):
+            raise UnsupportedModelError(f"a head for a torch model must be a torch.nn.Module (or a tl.Head), "
+                                        f"got {type(head).__qualname__}")
+        self._append(name, head.to(self.device), type(head).__name__)
+
+    def _append(self, name: str, head: nn.Module, kind: str) -> None:
         self._set_module(append_head(self._module, name, head))
-        self._layers = self._layers + [name] + [f"{name}.{n}" for n, _ in plan.spec.layers()]
-        self._kinds.update({name: "Head", **{f"{name}.{n}": type(m).__name__ for n, m in head.named_children()}})
+        inner = layer_names(head)
+        self._layers = self._layers + [name] + [f"{name}.{n}" for n in inner]
+        subs = modules_by_name(head)
+        self._kinds.update({name: kind, **{f"{name}.{n}": type(subs[n]).__name__ for n in inner}})

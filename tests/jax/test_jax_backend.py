@@ -360,10 +360,15 @@ def test_module_that_is_not_sequential_is_cut_by_running_its_own_call():
     assert {t.name: t.layer for t in m.tensors}["token"] == ""  # root tensors belong to no layer
     x = np.random.default_rng(0).normal(size=(6, 5, 5, 3)).astype(np.float32)
     cut = tl.finetune(m, cut=tl.LayerCut(at="blocks.0"), head=tl.Head.linear(2))
-    assert cut.layers[:4] == ["stem", "side", "blocks", "blocks.0"] and "blocks.1.kernel" not in cut.state()
+    # the layer the cut removed is no cut point any more
+    assert cut.layers == ["stem", "side", "blocks", "blocks.0", "head", "head.pool", "head.out"]
+    assert "blocks.1.kernel" not in cut.state()
     net = m.native
-    expected = net.blocks[0](net.stem(x) + net.side(x) + net.token[...])  # before the loop's relu
-    np.testing.assert_allclose(cut.features(x), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    expected = np.asarray(net.blocks[0](net.stem(x) + net.side(x) + net.token[...]))  # before the loop's relu
+    np.testing.assert_allclose(tl.finetune(m, cut=tl.LayerCut(at="blocks.0")).predict(x), expected,
+                               rtol=1e-5, atol=1e-6)
+    # features() is the head's input after its pool (global average of the images)
+    np.testing.assert_allclose(cut.features(x), expected.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
     # kept whole, it takes a head after its output, and keeps its own names
     ft = tl.finetune(m, head=tl.Head.linear(2), freeze=tl.FreezePolicy.up_to("side"))
     assert ft.layers[-3:] == ["head", "head.pool", "head.out"]

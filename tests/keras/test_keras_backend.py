@@ -158,8 +158,9 @@ def test_subclassed_model_running_in_sequence_is_cut_at_top_level_layers():
     assert tl.changed_tensors(original, m.state()) == {}
 
 
-def test_subclassed_model_with_a_skip_connection_trains_whole_but_is_not_cut():
-    m = tl.wrap(Residual(name="residual"), input_shape=(8, 8, 3))
+def test_subclassed_model_with_a_skip_connection_trains_whole_and_is_cut_by_capture():
+    model = Residual(name="residual")
+    m = tl.wrap(model, input_shape=(8, 8, 3))
     x, y = images(12), np.arange(12) % 3
     whole = tl.finetune(m, freeze=tl.FreezePolicy.up_to("bn"))  # no cut: copied whole, from its config
     snap = tl.snapshot(whole)
@@ -167,18 +168,30 @@ def test_subclassed_model_with_a_skip_connection_trains_whole_but_is_not_cut():
     assert set(tl.assert_frozen(snap, whole)) == {"conv.kernel", "conv.bias", "bn.gamma", "bn.beta",
                                                    "bn.moving_mean", "bn.moving_variance"}
     assert tl.changed_tensors(snap, whole.state(), ["fc.kernel"])
-    for kwargs in ({"cut": tl.LayerCut(at="bn")}, {"head": tl.Head.linear(2)}):
-        with pytest.raises(tl.CutError, match="subclassed.*previous layer's output.*functional API"):
-            tl.finetune(m, **kwargs)
+    # no sequence of layers computes it, so the cut runs its call() and takes bn's output
+    cut = tl.finetune(m, cut=tl.LayerCut(at="bn"))
+    assert cut.layers == ["conv", "bn"] and list(cut.state())[-1] == "bn.moving_variance"
+    np.testing.assert_allclose(cut.predict(x), model.bn(model.conv(x), training=False).numpy(), rtol=1e-5, atol=1e-6)
+    headed = tl.finetune(m, head=tl.Head.linear(2))  # a head after the whole model (after its skip connection)
+    assert headed.layers[-3:] == ["head", "head.pool", "head.out"]
+    h = model.conv(x)
+    np.testing.assert_allclose(headed.features(x), model.fc(model.pool(model.bn(h, training=False) + h)).numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
-def test_subclassed_model_without_input_shape_says_what_to_pass():
+def test_subclassed_model_without_input_shape_is_cut_by_capture_and_sizes_its_head_on_data():
     model = Chain(name="chain")
     model(np.zeros((1, 8, 8, 3), np.float32))  # built, but Keras keeps no input shape for it
     m = tl.wrap(model)
     assert m.layers == ["conv", "bn", "pool", "fc"] and len(m.state()) == 8
-    with pytest.raises(tl.CutError, match="input shape is unknown.*input_shape"):
-        tl.finetune(m, cut=tl.LayerCut(at="bn"))
+    x = images()
+    cut = tl.finetune(m, cut=tl.LayerCut(at="bn"))  # without a recorded forward pass: captured
+    np.testing.assert_allclose(cut.predict(x), model.bn(model.conv(x), training=False).numpy(), rtol=1e-5, atol=1e-6)
+    ft = tl.finetune(m, cut=tl.LayerCut(at="pool"), head=tl.Head.linear(2))
+    assert not ft.head_built, "the width of the head's input is not known without data"
+    with pytest.raises(tl.HeadNotBuiltError, match="first batch"):
+        ft.state()
+    assert ft.predict(x).shape == (6, 2) and ft.state()["head.out.weight"].shape == (2, 4)
 
 
 # ------------------------------------------------------------------------------------ freezing
@@ -489,8 +502,11 @@ def test_trainable_embedding_takes_every_optimizer_with_pytorchs_dense_semantics
     """An Embedding's gradient arrives as tf.IndexedSlices; it must be applied as PyTorch applies
     nn.Embedding(sparse=False)'s dense gradient: rows not looked up still get momentum and decay."""
     inputs = keras.Input((5,))
-    emb = L.Embedding(20, 4, name="emb")
-    model = keras.Model(inputs, L.Dense(3, name="fc")(L.GlobalAveragePooling1D(name="pool")(emb(inputs))))
+    # seeded: unseeded initial weights made the float32 comparison with torch flaky (about 1 run in 10
+    # landed a weight near 0 whose Adam steps differ by just over atol)
+    emb = L.Embedding(20, 4, name="emb", embeddings_initializer=keras.initializers.RandomUniform(-0.05, 0.05, seed=0))
+    fc = L.Dense(3, name="fc", kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    model = keras.Model(inputs, fc(L.GlobalAveragePooling1D(name="pool")(emb(inputs))))
     m = tl.wrap(model)
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.integers(0, 10, (4, 5)), rng.integers(10, 20, (4, 5))]).astype(np.float32)

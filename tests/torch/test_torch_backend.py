@@ -43,9 +43,10 @@ class Dynamic(nn.Module):
 class CallsLaterLayerFirst(nn.Module):
     """Registers ``late`` before ``early`` but calls ``early`` first."""
 
-    def __init__(self):
+    def __init__(self, conv: bool = False):
         super().__init__()
-        self.late, self.early = nn.Linear(3, 3), nn.Linear(3, 3)
+        make = (lambda: nn.Conv2d(3, 3, 1)) if conv else (lambda: nn.Linear(3, 3))
+        self.late, self.early = make(), make()
 
     def forward(self, x):
         return self.late(self.early(x))
@@ -65,7 +66,7 @@ def test_cut_inside_a_block_runs_the_models_own_forward_and_keeps_the_names():
     with torch.no_grad():
         m.native.eval()
         expected = m.native.layer1[0](m.native.stem(torch.from_numpy(x))).mean((2, 3))
-    np.testing.assert_allclose(ft.features(x).mean((2, 3)), expected.numpy(), rtol=1e-6)  # relu(+x) included
+    np.testing.assert_allclose(ft.features(x), expected.numpy(), rtol=1e-6)  # relu(+x) included, then pooled
     snap = tl.snapshot(ft)
     ft.fit(x, np.array([0, 1, 0, 1]), epochs=2, batch_size=2, progress=False, cache_features=False,
            optimizer=tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.1))
@@ -87,11 +88,17 @@ def test_model_with_data_dependent_control_flow_is_cut_and_takes_each_branch():
     np.testing.assert_allclose(ft.features(x[1:]), negative, rtol=1e-6)
 
 
+def test_layers_are_listed_in_the_order_they_run_when_an_example_input_is_known():
+    m = tl.wrap(CallsLaterLayerFirst())  # input shape (3,) from its first Linear: one example run
+    assert m.layers == ["early", "late"]
+    assert tl.finetune(m, cut=tl.LayerCut(drop_last=1)).layers == ["early"]
+
+
 def test_a_layer_removed_by_the_cut_but_called_before_it_is_named():
-    ft = tl.finetune(tl.wrap(CallsLaterLayerFirst()), cut=tl.LayerCut(at="late"))
-    assert ft.layers == ["late"]
+    ft = tl.finetune(tl.wrap(CallsLaterLayerFirst(conv=True)), cut=tl.LayerCut(at="late"))
+    assert ft.layers == ["late"], "no input shape: registration order"
     with pytest.raises(tl.CutError, match="layer 'early' was removed by the cut at 'late'"):
-        ft.predict(np.zeros((1, 3), np.float32))
+        ft.predict(np.zeros((1, 3, 2, 2), np.float32))
 
 
 def test_head_waits_for_its_first_batch_when_the_width_is_unknown():
@@ -186,3 +193,63 @@ def test_timm_batchnormact_networks_keep_the_freeze_guarantee(name):
     stats = [t.name for t in ft.tensors if t.kind == "bn_stat" and t.name.endswith("running_mean")]
     moved = tl.changed_tensors(before, ft.state(), stats)
     assert len(moved) == len(stats) > 10, "negative control: unfrozen BatchNorm statistics move"
+
+
+@pytest.mark.parametrize("name, kw", [("convnext_atto", {}), ("vit_tiny_patch16_224", {"img_size": 32}),
+                                      ("resnet18", {})])
+def test_timm_drop_last_gives_timms_own_pooled_pre_logits_features(name, kw):
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, num_classes=7, **kw)
+    ft = tl.finetune(tl.wrap(net), cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(3))
+    assert ft.head_built, "timm tells the width: no input_shape, no data needed"
+    reference = timm.create_model(name, pretrained=False, num_classes=7, **kw)
+    reference.load_state_dict(net.state_dict())
+    reference.reset_classifier(0)  # timm's own way to get the pooled features
+    reference.eval()
+    x = images(n=3, size=32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(ft.features(x), expected)
+    assert ft.state()[f"{ft.head}.out.weight"].shape == (3, expected.shape[1])
+
+
+# ---------------------------------------------------------------- precision and your own head
+@pytest.mark.parametrize("precision, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                              ("float32", torch.float32)])
+def test_mixed_precision_computes_in_the_dtype_and_keeps_float32_weights(precision, dtype):
+    ft = tl.finetune(tl.wrap(Residual(), input_shape=(3, 6, 6)), cut=tl.LayerCut(at="layer1"),
+                     head=tl.Head.linear(2), freeze=tl.FreezePolicy.up_to("stem"))
+    seen = []
+    hook = ft.native.body.body.layer1[1].conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x, y = images(n=8), np.arange(8) % 2
+    snap = tl.snapshot(ft)
+    ft.fit(x, y, epochs=2, batch_size=4, precision=precision, progress=False, cache_features=False)
+    hook.remove()
+    assert set(seen) == {dtype}
+    tl.assert_frozen(snap, ft)
+    assert {p.dtype for p in ft.native.parameters()} == {torch.float32}
+    assert "layer1.1.conv.weight" in tl.changed_tensors(snap, ft.state())
+
+
+def test_unknown_precision_is_refused_before_training():
+    ft = tl.finetune(tl.wrap(Residual(), input_shape=(3, 6, 6)), head=tl.Head.linear(2))
+    snap = tl.snapshot(ft)
+    with pytest.raises(tl.OptimizerConfigError, match="did you mean 'float16'"):
+        ft.fit(images(), np.arange(4) % 2, precision="float61", progress=False)
+    assert tl.changed_tensors(snap, ft.state()) == {}
+
+
+def test_your_own_head_module_trains_on_cached_features_as_without():
+    results = {}
+    for cache in (False, True):
+        torch.manual_seed(0)
+        head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(), nn.Linear(8, 2))
+        ft = tl.finetune(tl.wrap(Residual(), input_shape=(3, 6, 6)), cut=tl.LayerCut(at="layer1"), head=head)
+        assert ft.layers[-5:] == ["head", "head.0", "head.1", "head.2", "head.3"]
+        hist = ft.fit(images(n=12), np.arange(12) % 2, epochs=3, batch_size=4, progress=False, cache_features=cache)
+        results[cache] = (ft.state(), hist.info["cache_features"])
+    assert results[True][1] == "used" and results[False][1] == "off"
+    for name, value in results[False][0].items():
+        np.testing.assert_allclose(results[True][0][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    with pytest.raises(tl.UnsupportedModelError, match="torch.nn.Module"):
+        tl.finetune(tl.wrap(Residual()), head=lambda z: z)

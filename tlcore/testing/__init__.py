@@ -11,8 +11,8 @@ all::
         check(backend)
 
 Each check is a plain function of the backend name that raises on failure; :func:`all_checks` lists
-them. A backend must provide ``Backend.reference_model(seed, variant)`` (see ``tlcore.backend``) and
-the zoo's ``resnet18``.
+them. A backend must provide ``Backend.reference_model(seed, variant)`` for the three variants (see
+``tlcore.backend``) and the zoo's ``resnet18``.
 
 Example:
     >>> from tlcore.testing import all_checks
@@ -33,7 +33,7 @@ from ._kit import REGISTRY, Check
 #: the sequential reference network's layers (see ``Backend.reference_model``) and the part a finetune keeps
 REFERENCE_LAYERS = ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool", "dropout", "fc"]
 BASE_LAYERS = ("conv1", "bn1", "conv2", "bn2")
-CHECK_MODULES = ("checks_api", "checks_freeze", "checks_modes", "checks_numerics", "checks_errors")
+CHECK_MODULES = ("checks_api", "checks_freeze", "checks_modes", "checks_numerics", "checks_inputs", "checks_errors")
 
 
 def all_checks() -> list[Check]:
