@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 import tlcore as tl
-from tlcore.data import as_targets, batch_slices, loss_and_metrics
+from tlcore.data import batch_slices
+from tlcore.losses import check_targets
+from tlcore.metrics import compute
 from tlcore.freeze import TensorInfo
 
 LAYERS = ["stem", "layer1", "layer1.0", "layer1.1", "layer2", "fc"]
@@ -172,14 +174,14 @@ def test_data_checks_and_seeded_batching():
     assert sorted(sum(a, [])) == list(range(10)) and [len(b) for b in a] == [3, 3, 3, 1]
     assert [np.arange(10)[s].tolist() for s in batch_slices(5, 2, False, rng1)] == [[0, 1], [2, 3], [4]]
     with pytest.raises(tl.DataError, match="out of range"):
-        as_targets(np.array([0, 5]), 2, "cross_entropy", 3)
+        check_targets("cross_entropy", np.array([0, 5]), 2, 3)
     with pytest.raises(tl.DataError, match=r"\[0, 1\]"):
-        as_targets(np.array([0.0, 2.0]), 2, "binary_cross_entropy", 1)
+        check_targets("binary_cross_entropy", np.array([0.0, 2.0]), 2, 1)
 
 
 def test_numpy_metrics_match_definitions():
     logits = np.array([[2.0, 0.0], [0.0, 1.0]])
-    out = loss_and_metrics(logits, np.array([0, 0]), "cross_entropy")
+    out = compute(["accuracy"], logits, np.array([0, 0]), loss_spec="cross_entropy")
     expected = -np.mean([2 - np.log(np.exp(2) + 1), 0 - np.log(1 + np.e)])
     assert out["loss"] == pytest.approx(expected) and out["accuracy"] == 0.5
 

@@ -28,9 +28,9 @@ _EXPORTS = {
     "FeatureCacheRefused": "model", "HeadNotBuiltError": "model", "History": "model", "Model": "model", "Summary": "model",
     "available_backends": "registry", "get_backend": "registry",
 }
-_SUBMODULES = ("optim", "zoo", "testing", "datasets", "checkpoint", "data")
+_SUBMODULES = ("optim", "zoo", "testing", "datasets", "checkpoint", "data", "losses", "metrics", "sources")
 
-__all__ = sorted([*_EXPORTS, "optim", "zoo"])
+__all__ = sorted([*_EXPORTS, "data", "losses", "metrics", "optim", "zoo"])
 
 
 def __getattr__(name: str) -> Any:
@@ -49,7 +49,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import optim, zoo  # noqa: F401
+    from . import data, losses, metrics, optim, zoo  # noqa: F401
     from .check import Snapshot, assert_frozen, changed_tensors, snapshot  # noqa: F401
     from .cut import LayerCut  # noqa: F401
     from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError,  # noqa: F401

@@ -80,20 +80,29 @@ class Trainer(abc.ABC):
     compilations: int = 0
 
     @abc.abstractmethod
-    def step(self, x: Any, y: np.ndarray) -> tuple[Any, Any]:
-        """Train on one batch (an array, or a dict or tuple of arrays); return (summed loss, number
-        correct) as framework scalars."""
+    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None) -> Any:
+        """Train on one batch and return the outputs (logits) of its training forward pass, from which
+        the core computes the loss and metrics.
 
-    def epoch(self, x: np.ndarray, y: np.ndarray, batches: list, on_step: Callable[[int], Any] = lambda n: None
-              ) -> list[tuple[Any, Any]]:
-        """Train on the rows ``b`` of ``x`` and ``y`` for each ``b`` of ``batches`` in turn, calling
-        ``on_step(steps done)``; return each step's (summed loss, number correct). A trainer may run
-        the whole epoch in one compiled call instead."""
+        ``x``: an array, or a dict or tuple of arrays; ``y``: the targets of ``spec.loss`` (int64 labels
+        or float32 class probabilities for cross entropy, float32 values otherwise); ``w``: float32
+        sample weights or None. The step minimises ``spec.loss``'s weighted mean with PyTorch's
+        semantics: ``sum_i w_i * l_i / sum_i w_i * d_i``, ``l_i`` the per-sample loss as PyTorch's
+        ``reduction="none"`` gives it (class weights, label smoothing and ``pos_weight`` included; the
+        mean over outputs for binary cross entropy, MSE and Huber), ``d_i`` the class weight of sample
+        ``i``'s label (cross entropy with integer labels and class weights) or 1
+        (``tlcore.losses`` holds the numpy reference)."""
+
+    def epoch(self, x: Any, y: np.ndarray, w: np.ndarray | None, batches: list,
+              on_step: Callable[[int], Any] = lambda n: None) -> list[Any]:
+        """Train on the rows ``b`` of ``x``, ``y`` and ``w`` for each ``b`` of ``batches`` in turn,
+        calling ``on_step(steps done)``; return each step's outputs. A trainer may run the whole epoch
+        in one compiled call instead."""
         from .data import take
 
         outs = []
         for b in batches:
-            outs.append(self.step(take(x, b), y[b]))
+            outs.append(self.step(take(x, b), y[b], None if w is None else w[b]))
             on_step(1)
         return outs
 

@@ -74,9 +74,24 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def model_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype tlcore gives an input array: float32 for floats (and uint8 images, which are pixel
+    values), int64 for other integers (token ids stay integers), bool as it is."""
+    if dtype.kind == "f" or dtype == np.uint8:
+        return np.dtype(np.float32)
+    if dtype.kind in "iu":
+        return np.dtype(np.int64)
+    return dtype
+
+
+#: rows of a memory-mapped array checked at a time (the check reads the file, never holds it)
+CHUNK_ROWS = 4096
+
+
 def _as_array(value: Any, name: str) -> np.ndarray:
-    """One input array with tlcore's dtypes: floats as float32 (and uint8 images, which are pixel
-    values), other integers as int64 (token ids stay integers), booleans as they are."""
+    """One input array with tlcore's dtypes (:func:`model_dtype`), checked: not empty, finite where
+    float. An ``np.memmap`` keeps its dtype (batches are converted as they are read, see
+    :func:`batch_dtypes`) and is checked a chunk at a time, so it is never read whole into memory."""
     try:
         arr = to_numpy(value)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -90,18 +105,33 @@ def _as_array(value: Any, name: str) -> np.ndarray:
         except (TypeError, ValueError) as e:
             raise DataError(f"{name} must be a numeric array, got {type(value).__name__} of dtype {arr.dtype}: "
                             f"{e}") from None
-    elif kind == "f" or arr.dtype == np.uint8:
-        arr = arr.astype(np.float32, copy=False)
-    elif kind in "iu":
-        arr = arr.astype(np.int64, copy=False)
+    elif not isinstance(arr, np.memmap):
+        arr = arr.astype(model_dtype(arr.dtype), copy=False)
     if arr.ndim == 0 or arr.shape[0] == 0:
         raise DataError(f"{name} is empty (shape {arr.shape}); give at least one sample")
-    if arr.dtype == np.float32 and not np.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
-        # a finite sum proves every value finite without a mask of the whole array (4x faster); an
-        # infinite one may be an overflow of finite values, so the exact check decides
+    if arr.dtype.kind == "f":
+        rows = CHUNK_ROWS if isinstance(arr, np.memmap) else len(arr)
+        for start in range(0, len(arr), rows):
+            _check_finite(arr[start:start + rows], name)
+    return arr
+
+
+def _check_finite(arr: np.ndarray, name: str) -> None:
+    # a finite sum proves every value finite without a mask of the whole array (4x faster); an
+    # infinite one may be an overflow of finite values, so the exact check decides
+    if not np.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())
         raise DataError(f"{name} contains {bad} NaN or infinite value(s); clean or impute them first")
-    return arr
+
+
+def batch_dtypes(x: Any) -> Any:
+    """A batch with tlcore's dtypes (a no-op for arrays already converted; memmaps are converted
+    here, a batch at a time)."""
+    if isinstance(x, dict):
+        return {k: batch_dtypes(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(batch_dtypes(v) for v in x)
+    return np.asarray(x, dtype=model_dtype(x.dtype))
 
 
 def as_inputs(x: Any, input_shape: Sequence[int | None] | None = None, name: str = "x", hint: str = "") -> Inputs:
@@ -143,6 +173,15 @@ def as_inputs(x: Any, input_shape: Sequence[int | None] | None = None, name: str
     return out
 
 
+def any_uint8(x: Any) -> bool:
+    """True when ``x`` (or an array in it) holds uint8 values: pixels, which train unscaled."""
+    if isinstance(x, Mapping):
+        return any(any_uint8(v) for v in x.values())
+    if isinstance(x, tuple):
+        return any(any_uint8(v) for v in x)
+    return getattr(x, "dtype", None) == np.uint8
+
+
 def num_samples(x: Inputs) -> int:
     """The number of samples (rows) of an array, dict or tuple of arrays."""
     first = next(iter(x.values())) if isinstance(x, dict) else x[0] if isinstance(x, tuple) else x
@@ -156,36 +195,6 @@ def take(x: Inputs, index: slice | np.ndarray) -> Inputs:
     if isinstance(x, tuple):
         return tuple(v[index] for v in x)
     return x[index]
-
-
-def as_targets(y, n: int, loss: str, num_outputs: int | None, name: str = "y") -> np.ndarray:
-    """``y`` checked against ``loss`` and the model's outputs: int64 class labels for
-    ``cross_entropy``, float32 otherwise."""
-    y = np.asarray(y)
-    if y.ndim == 0 or len(y) != n:
-        raise DataError(f"x and {name} have different lengths: {n} samples but {y.shape[0] if y.ndim else 0} targets")
-    if loss == "cross_entropy":
-        if y.ndim != 1:
-            raise DataError(f"cross_entropy takes integer class labels of shape (n,), got {name} of shape {y.shape}")
-        if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
-            raise DataError(f"cross_entropy takes integer class labels; {name} has dtype {y.dtype}")
-        y = y.astype(np.int64)
-        if num_outputs is not None and (y.min() < 0 or y.max() >= num_outputs):
-            raise DataError(f"labels out of range: {name} spans [{y.min()}, {y.max()}] but the head has "
-                            f"{num_outputs} outputs (valid labels 0..{num_outputs - 1})")
-        return y
-    y = y.astype(np.float32)
-    if not np.isfinite(y).all():
-        raise DataError(f"{name} contains NaN or infinite values")
-    if loss == "binary_cross_entropy" and not np.all((y >= 0) & (y <= 1)):
-        raise DataError(f"binary_cross_entropy takes targets in [0, 1]; {name} spans [{y.min()}, {y.max()}]")
-    if num_outputs is not None:
-        width = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
-        if width != num_outputs:
-            raise DataError(f"{name} has {width} value(s) per sample but the model has {num_outputs} output(s)")
-        if y.ndim == 1:
-            y = y[:, None]
-    return y
 
 
 def batch_slices(n: int, batch_size: int, shuffle: bool,
@@ -203,22 +212,10 @@ def check_positive_int(name: str, value: int) -> int:
     return int(value)
 
 
-# ---- numpy losses and metrics: evaluate() computes them the same way on every backend ----
+def __getattr__(name: str) -> Any:
+    """``tl.data.Deterministic`` and ``tl.data.scale`` live in :mod:`tlcore.sources` (which needs this module)."""
+    if name in ("Deterministic", "scale"):
+        from . import sources
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def loss_and_metrics(pred: np.ndarray, y: np.ndarray, loss: str) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) of predictions ``pred`` against ``y``."""
-    pred = pred.astype(np.float64)
-    if loss == "cross_entropy":
-        lp = log_softmax(pred.reshape(len(pred), -1))
-        return {"loss": float(-lp[np.arange(len(y)), y].mean()),
-                "accuracy": float((lp.argmax(axis=1) == y).mean())}
-    z = pred.reshape(y.shape)
-    if loss == "binary_cross_entropy":
-        bce = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
-        return {"loss": float(bce.mean()), "accuracy": float(((z > 0) == (y > 0.5)).mean())}
-    return {"loss": float(((z - y) ** 2).mean())}
+        return getattr(sources, name)
+    raise AttributeError(f"module 'tlcore.data' has no attribute {name!r}")

@@ -58,6 +58,7 @@ __all__ = [
     "check_sample_weight",
     "check_targets",
     "loss_from_dict",
+    "with_class_weight",
 ]
 
 #: how far from 1 a row of class probabilities may sum
@@ -538,6 +539,24 @@ def as_loss(value: LossSpec | str) -> LossSpec:
     if isinstance(value, str) and value in LOSSES:
         return LOSSES[value]()
     raise LossConfigError(unknown_name_message("loss", value, list(LOSSES)))
+
+
+def with_class_weight(spec: LossSpec, class_weight: Any) -> LossSpec:
+    """``spec`` with ``fit``'s ``class_weight`` (a mapping or sequence, see :class:`CrossEntropy`);
+    ``spec`` itself when None.
+
+    Example:
+        >>> with_class_weight(CrossEntropy(), {1: 5.0}).class_weight
+        ((1, 5.0),)
+    """
+    if class_weight is None:
+        return spec
+    if not isinstance(spec, CrossEntropy):
+        hint = "; BinaryCrossEntropy(pos_weight=...) weighs positives" if isinstance(spec, BinaryCrossEntropy) else ""
+        raise LossConfigError(f"class_weight is for cross_entropy, not {spec.kind}{hint}")
+    if spec.class_weight is not None:
+        raise LossConfigError("class_weight is given twice: in the CrossEntropy spec and to fit; give it once")
+    return CrossEntropy(label_smoothing=spec.label_smoothing, class_weight=class_weight)
 
 
 def loss_from_dict(d: Mapping) -> LossSpec:

@@ -14,20 +14,24 @@ Example:
 from __future__ import annotations
 
 import logging
+import numbers
 import time
+import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
-from . import data
+from . import data, losses, sources, training
 from .backend import ModelPrimitives, Trainer
 from .cut import in_layer
 from .errors import CheckpointError, OptimizerConfigError, TlcoreError, unknown_name_message
 from .freeze import FreezePolicy, Resolved, TensorInfo
 from .head import Head, HeadPlan, initial_values, plan_head
-from .optim import PRECISIONS, Adam, OptimizerSpec, TrainSpec, check_loss
+from .metrics import Accumulator, check_metric_names
+from .optim import PRECISIONS, Adam, OptimizerSpec, TrainSpec
 
 log = logging.getLogger("tlcore")
 
@@ -98,6 +102,18 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class Run:
+    """What one ``fit`` trains with, checked: the step's spec, the metrics, epochs, progress, and how
+    a stream's batches are checked."""
+
+    spec: TrainSpec
+    metrics: tuple[str, ...]
+    epochs: int
+    progress: str
+    check: Callable
+
+
+@dataclass(frozen=True)
 class PendingHead:
     """A head asked for by ``tl.finetune`` whose input width is not known yet."""
 
@@ -119,7 +135,7 @@ class Model(ModelPrimitives):
         self._head = head
         self._pending: PendingHead | None = None
         self._infos: list[TensorInfo] | None = None
-        self._loss = "cross_entropy"
+        self._loss: losses.LossSpec = losses.CrossEntropy()
         self._resolved: Resolved | None = None
         self._trainers: OrderedDict[tuple, Trainer] = OrderedDict()
         self._head_view: Model | None = None
@@ -284,13 +300,56 @@ class Model(ModelPrimitives):
             raise data.DataError(f"cannot size the head from features of shape {shape}")
         self._build_head(plan)
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ inputs and sources
     def _inputs(self, x: Any, name: str = "x") -> data.Inputs:
         """``x`` checked and converted (``tlcore.data.as_inputs``), and checked against what the model takes."""
         x = data.as_inputs(x, self.input_shape, name, hint=self.meta.get("input_hint", ""))
         self._check_inputs(x)
         return x
 
+    def _source(self, x: Any, y: Any, sample_weight: Any, spec: losses.LossSpec | None, *, batch_size: int,
+                shuffle: bool = False, steps_per_epoch: int | None = None, name: str = "x") -> sources.Source:
+        """A checked source of batches: arrays (inputs, targets for ``spec`` and weights checked now), or
+        a loader or generator (its first batch checked now, every batch as it comes)."""
+        if sources.is_source(x):
+            source = sources.as_source(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle,
+                                       steps_per_epoch=steps_per_epoch)
+            self._check_batch(source.first(), 0, spec, source.describe())
+            return source
+        factor = None
+        if isinstance(x, sources.Scaled):
+            factor, x = x.factor, x.x
+        if data.any_uint8(x) and factor is None and spec is not None:
+            warnings.warn(f"{name} is uint8: the model trains on pixel values 0-255; divide by 255, or pass "
+                          f"tl.data.scale({name}, 1 / 255) to scale batch by batch", UserWarning, stacklevel=3)
+        xs = self._inputs(x, name)
+        n = data.num_samples(xs)
+        if spec is not None and y is None:
+            raise data.DataError(f"fit and evaluate need targets: give y, or a source of (x, y) batches "
+                                 f"(a DataLoader, a tf.data.Dataset, a generator)")
+        ys = None if y is None else losses.check_targets(spec or losses.as_loss(self._loss), y, n, self._num_outputs(),
+                                                         "y" if name == "x" else f"{name[:-1]}y")
+        ws = None if sample_weight is None else losses.check_sample_weight(sample_weight, n)
+        if factor is not None:
+            return sources._ScaledArrays(factor, xs, ys, ws, batch_size, shuffle, True)
+        return sources.Arrays(xs, ys, ws, batch_size, shuffle)
+
+    def _check_batch(self, batch: sources.Batch, index: int, spec: losses.LossSpec | None,
+                     where: str = "") -> sources.Batch:
+        """One batch of a stream, checked as arrays are (inputs, targets for ``spec``, weights)."""
+        what = f"batch {index}" + (f" of {where}" if where else "")
+        x = data.as_inputs(batch.x, self.input_shape, f"x of {what}", hint=self.meta.get("input_hint", ""))
+        self._check_inputs(x)
+        n = data.num_samples(x)
+        y = batch.y
+        if spec is not None:
+            if y is None:
+                raise data.DataError(f"{what} has no targets; a training batch is (x, y) or (x, y, sample_weight)")
+            y = losses.check_targets(spec, y, n, self._num_outputs(), f"y of {what}")
+        w = None if batch.w is None else losses.check_sample_weight(batch.w, n, f"sample_weight of {what}")
+        return sources.Batch(x, y, w)
+
+    # ------------------------------------------------------------------ inference
     def _num_outputs(self) -> int | None:
         if self.head_spec is not None:
             return self.head_spec.num_classes
@@ -301,81 +360,131 @@ class Model(ModelPrimitives):
         return None
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
-        """Inference-mode outputs (logits for classifiers); numpy in, numpy out."""
-        x = self._inputs(x)
+        """Inference-mode outputs (logits for classifiers) of arrays or a source; numpy out."""
         batch_size = data.check_positive_int("batch_size", batch_size)
-        self._ensure_head(x)
-        return self._predict_batches(x, batch_size)
+        source = self._source(x, None, None, None, batch_size=batch_size)
+        if type(source) is sources.Arrays and source.converted:
+            self._ensure_head(source.x)
+            return self._predict_batches(source.x, batch_size)
+        self._ensure_head(source.first().x)
+        return np.concatenate([np.asarray(self._forward(b.x)) for b in
+                               training.checked_batches(source, np.random.default_rng(0),
+                                                        lambda b, i: self._check_batch(b, i, None))])
 
-    def _predict_batches(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+    def _predict_batches(self, x: data.Inputs, batch_size: int) -> np.ndarray:
         """:meth:`_forward` over batches (a backend may prepare once for all of them)."""
         n = data.num_samples(x)
         return np.concatenate([np.asarray(self._forward(data.take(x, slice(i, i + batch_size))))
                                for i in range(0, n, batch_size)])
 
-    def evaluate(self, x, y, batch_size: int = 256, loss: str | None = None) -> dict[str, float]:
-        """``{"loss": ..., "accuracy": ...}`` (accuracy for classification losses only)."""
-        loss = check_loss(loss or self._loss)
-        x = self._inputs(x)
-        y = data.as_targets(y, data.num_samples(x), loss, self._num_outputs())
-        return data.loss_and_metrics(self.predict(x, batch_size), y, loss)
+    def evaluate(self, x, y=None, batch_size: int = 256, loss: str | losses.LossSpec | None = None,
+                 metrics: Sequence[str] | None = None, sample_weight=None) -> dict[str, float]:
+        """``{"loss": ..., <metric>: ...}`` on arrays or a source of (x, y) batches, computed in numpy
+        from the predictions (the same on every backend). ``metrics`` default: ``accuracy`` for
+        classification losses."""
+        spec = losses.as_loss(loss) if loss is not None else self._loss
+        names = self._metric_names(metrics, spec)
+        batch_size = data.check_positive_int("batch_size", batch_size)
+        source = self._source(x, y, sample_weight, spec, batch_size=batch_size)
+        self._ensure_head(source.first().x if not isinstance(source, sources.Arrays) else source.x)
+        forward = lambda xb: np.asarray(self._forward(xb))  # noqa: E731
+        return training.evaluate_source(forward, source, names, spec, lambda b, i: self._check_batch(b, i, spec))
+
+    @staticmethod
+    def _metric_names(metrics: Sequence[str] | None, spec: losses.LossSpec) -> tuple[str, ...]:
+        if metrics is None:
+            metrics = ("accuracy",) if spec.kind in ("cross_entropy", "binary_cross_entropy") else ()
+        if isinstance(metrics, str):
+            metrics = (metrics,)
+        return check_metric_names(metrics)
 
     # ------------------------------------------------------------------ training
-    def fit(self, x, y, epochs: int = 1, batch_size: int = 32, optimizer: OptimizerSpec | None = None,
-            loss: str = "cross_entropy", validation_data: tuple | None = None, shuffle: bool = True,
-            seed: int = 0, clip_grad_norm: float | None = None, progress: bool = True,
-            cache_features: bool | str = "auto", precision: str = "float32") -> History:
+    def fit(self, x, y=None, epochs: int = 1, batch_size: int = 32, optimizer: OptimizerSpec | None = None,
+            loss: str | losses.LossSpec = "cross_entropy", metrics: Sequence[str] | None = None,
+            validation_data: Any = None, shuffle: bool = True, seed: int = 0, clip_grad_norm: float | None = None,
+            progress: bool | str = True, cache_features: bool | str = "auto", precision: str = "float32",
+            sample_weight: Any = None, class_weight: Any = None, steps_per_epoch: int | None = None) -> History:
         """Train the trainable tensors; frozen ones stay bit-identical.
 
         Args:
+            x, y: arrays (numpy, tensors, memmaps; dicts or tuples of them) with targets, or a source of
+                ``(x, y)`` / ``(x, y, sample_weight)`` batches: a torch ``DataLoader`` or ``Dataset``, a
+                ``tf.data.Dataset``, a generator (function); see ``tlcore.sources``.
             optimizer: a ``tl.optim`` spec (default ``Adam(lr=1e-3)``).
-            loss: ``"cross_entropy"`` (integer labels), ``"binary_cross_entropy"`` or ``"mse"``.
+            loss: a ``tl.losses`` spec or name: ``"cross_entropy"`` (integer labels or class
+                probabilities), ``"binary_cross_entropy"``, ``"mse"``, ``"huber"``.
+            metrics: names computed in numpy every epoch (``tl.metrics``; default ``accuracy`` for
+                classification); ``History`` keeps each per epoch, ``val_`` ones for ``validation_data``.
+            validation_data: ``(x, y)``, ``(x, y, sample_weight)`` or a source of batches.
             clip_grad_norm: clip the global L2 norm of the gradients to this value.
+            progress: ``True`` (a bar on a terminal, a line per epoch otherwise), ``"bar"``, ``"epoch"``
+                or ``False``.
             cache_features: ``"auto"`` computes the frozen part's features once and trains only the
                 head when that gives the same result (everything before the head frozen, no active
-                dropout there); ``True`` insists (error if not possible); ``False`` never caches.
+                dropout there, a deterministic source: arrays, or ``tl.data.Deterministic(loader)``);
+                ``True`` insists (error if not possible); ``False`` never caches.
             precision: ``"float32"``, or mixed precision ``"bfloat16"`` / ``"float16"`` with each
                 framework's own mechanism (torch autocast, a Keras dtype policy, the JAX computation's
                 dtype); weights stay float32 (frozen ones bit-identical, as always).
+            sample_weight: one weight >= 0 per sample (arrays); the loss is ``sum(w * l) / sum(w)``.
+            class_weight: ``{class: weight}`` for ``cross_entropy`` (as PyTorch's ``weight=``).
+            steps_per_epoch: batches per epoch of a source (required for an endless one).
 
         Example:
             >>> hist = ft.fit(x, y, epochs=2, optimizer=tl.optim.SGD(lr=0.1, momentum=0.9))  # doctest: +SKIP
+            >>> hist = ft.fit(torch_loader, epochs=5, metrics=["accuracy", "f1_macro"])       # doctest: +SKIP
         """
         optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
         if not isinstance(optimizer, OptimizerSpec):
             raise TypeError(f"optimizer must be a tl.optim spec (e.g. tl.optim.Adam(lr=1e-3)), got {optimizer!r}")
-        loss = check_loss(loss)
+        spec = losses.with_class_weight(losses.as_loss(loss), class_weight)
+        names = self._metric_names(metrics, spec)
         epochs = data.check_positive_int("epochs", epochs)
         batch_size = data.check_positive_int("batch_size", batch_size)
+        if steps_per_epoch is not None:
+            steps_per_epoch = data.check_positive_int("steps_per_epoch", steps_per_epoch)
         seed = data.check_seed(seed)
-        if clip_grad_norm is not None and not (np.isfinite(clip_grad_norm) and clip_grad_norm > 0):
+        mode = training.resolve_progress(progress)
+        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, numbers.Real)
+                                           or not (np.isfinite(clip_grad_norm) and clip_grad_norm > 0)):
             raise data.DataError(f"clip_grad_norm must be a finite number > 0 or None, got {clip_grad_norm!r}")
         if precision not in PRECISIONS:
             raise OptimizerConfigError(unknown_name_message("precision", precision, PRECISIONS))
         if cache_features not in ("auto", True, False):
             raise data.DataError(f"cache_features must be 'auto', True or False, got {cache_features!r}")
-        x = self._inputs(x)
-        y = data.as_targets(y, data.num_samples(x), loss, self._num_outputs())
-        val = None
-        if validation_data is not None:
-            xv = self._inputs(validation_data[0], "validation x")
-            val = (xv, data.as_targets(validation_data[1], data.num_samples(xv), loss, self._num_outputs(),
-                                       "validation y"))
-        self._ensure_head(x)
+        source = self._source(x, y, sample_weight, spec, batch_size=batch_size, shuffle=shuffle,
+                              steps_per_epoch=steps_per_epoch)
+        if getattr(source, "once", False) and epochs > 1 and steps_per_epoch is None:
+            raise data.DataError("a generator can be read only once, but fit asks for several epochs: pass a "
+                                 "generator function (called once per epoch), or steps_per_epoch=... to read it on")
+        val = self._validation_source(validation_data, spec)
+        self._ensure_head(source.x if isinstance(source, sources.Arrays) else source.first().x)
         self._verify_native()
-        self._loss = loss
-        spec = TrainSpec(optimizer, loss, clip_grad_norm, seed, precision)
+        self._loss = spec
+        run = Run(TrainSpec(optimizer, spec, None if clip_grad_norm is None else float(clip_grad_norm), seed,
+                            precision), names, epochs, mode, lambda b, i: self._check_batch(b, i, spec))
 
-        refusal = self._cache_refusal() if cache_features else ""
+        refusal = self._cache_refusal(source) if cache_features else ""
         if cache_features is True and refusal:
             raise FeatureCacheRefused(f"cannot cache features: {refusal}")
         if cache_features and not refusal:
             log.info("fit: caching frozen features (everything before %r is frozen and deterministic)", self._head)
-            return self._fit_cached(x, y, val, epochs, batch_size, spec, shuffle, progress)
+            return self._fit_cached(source, val, run)
         log.info("fit: not caching features (%s)", "cache_features=False" if not cache_features else refusal)
-        hist = self._fit_loop(x, y, val, epochs, batch_size, spec, shuffle, progress)
+        hist = self._fit_loop(source, val, run)
         hist.info["cache_features"] = "off" if not cache_features else f"refused: {refusal}"
         return hist
+
+    def _validation_source(self, validation_data: Any, spec: losses.LossSpec) -> sources.Source | None:
+        if validation_data is None:
+            return None
+        if sources.is_source(validation_data):
+            return self._source(validation_data, None, None, spec, batch_size=256, name="validation x")
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+            raise data.DataError("validation_data must be (x, y), (x, y, sample_weight) or a source of batches, "
+                                 f"got {type(validation_data).__name__}")
+        w = validation_data[2] if len(validation_data) == 3 else None
+        return self._source(validation_data[0], validation_data[1], w, spec, batch_size=256, name="validation x")
 
     def _trainer(self, spec: TrainSpec) -> Trainer:
         """The trainer for ``spec`` and the current policy: reused (and reset) when a fit with the same
@@ -391,38 +500,37 @@ class Model(ModelPrimitives):
             self._trainers.popitem(last=False)
         return trainer
 
-    def _fit_loop(self, x, y, val, epochs, batch_size, spec, shuffle, progress) -> History:
-        from tqdm.auto import tqdm
-
+    def _fit_loop(self, source: sources.Source, val: sources.Source | None, run: Run) -> History:
         t0 = time.perf_counter()
-        trainer = self._trainer(spec)
-        rng = np.random.default_rng(spec.seed)
+        trainer = self._trainer(run.spec)
+        rng = np.random.default_rng(run.spec.seed)
         hist = History()
-        n = data.num_samples(x)
-        steps = -(-n // batch_size)
-        bar = tqdm(total=epochs * steps, disable=None if progress else True,  # None: no bar without a TTY
-                   unit="step", leave=False, desc=f"fit [{self.backend}]")
+        per_epoch = source.steps
+        progress = training.Progress(run.progress, None if per_epoch is None else run.epochs * per_epoch,
+                                     f"fit [{self.backend}]")
+        steps = 0
         try:
-            for _ in range(epochs):
-                outs = trainer.epoch(x, y, list(data.batch_slices(n, batch_size, shuffle, rng)), bar.update)
-                metrics = {"loss": sum(float(o[0]) for o in outs) / n}
-                if spec.loss != "mse":
-                    metrics["accuracy"] = sum(float(o[1]) for o in outs) / n
+            for epoch in range(run.epochs):
+                e0 = time.perf_counter()
+                acc = Accumulator(run.metrics, run.spec.loss)
+                steps += training.run_epoch(trainer, source, rng, acc, run.check, progress)
+                metrics = acc.result()
                 if val is not None:
                     trainer.finish()
-                    metrics.update({f"val_{k}": v for k, v in
-                                    data.loss_and_metrics(self._predict_batches(val[0], 256), val[1], spec.loss).items()})
+                    forward = lambda xb: np.asarray(self._forward(xb))  # noqa: E731
+                    metrics.update({f"val_{k}": v for k, v in training.evaluate_source(
+                        forward, val, run.metrics, run.spec.loss, run.check).items()})
                 hist.append(metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                progress.epoch(epoch, run.epochs, metrics, time.perf_counter() - e0)
         finally:
             trainer.finish()
-            bar.close()
-        hist.info.update(compilations=trainer.compilations, steps=epochs * steps,
+            progress.close()
+        hist.info.update(compilations=trainer.compilations, steps=steps,
                          optimizer_state_bytes=trainer.optimizer_state_bytes(),
                          seconds=time.perf_counter() - t0)
         return hist
 
-    def _cache_refusal(self) -> str:
+    def _cache_refusal(self, source: sources.Source | None = None) -> str:
         """Why feature caching is not possible now ('' when it is)."""
         if self._head is None:
             return "the model has no head attached by tl.finetune"
@@ -433,6 +541,9 @@ class Model(ModelPrimitives):
         random = [n for n in self._stochastic_layers() if not in_layer(n, self._head)]
         if random:
             return f"layers before the head are random while training: {random}"
+        if source is not None and not source.deterministic:
+            return (f"{source.describe()} may give other batches every epoch (random augmentation, shuffling); "
+                    "declare tl.data.Deterministic(source) if it does not")
         return ""
 
     def head_model(self) -> Model:
@@ -451,15 +562,22 @@ class Model(ModelPrimitives):
         self._ensure_head(x)
         return self._batched_features(x, data.check_positive_int("batch_size", batch_size))
 
-    def _fit_cached(self, x, y, val, epochs, batch_size, spec, shuffle, progress) -> History:
+    def _fit_cached(self, source: sources.Source, val: sources.Source | None, run: Run) -> History:
         t0 = time.perf_counter()
-        feats = self._batched_features(x)
-        head_val = None if val is None else (self._batched_features(val[0]), val[1])
-        hist = self.head_model()._fit_loop(feats, y, head_val, epochs, batch_size, spec, shuffle, progress)
+        rng = np.random.default_rng(run.spec.seed)
+        feats = training.cache_features(self._features, source, rng, run.check, FEATURE_BATCH)
+        head_val = None if val is None else training.cache_features(self._features, val, rng, run.check, 256)
+        head = self.head_model()
+        try:
+            hist = head._fit_loop(feats, head_val, replace(run, check=lambda b, i: b))
+        finally:
+            for cache in (feats, head_val):
+                if isinstance(cache, training.FeatureCache):
+                    cache.close()
         hist.info.update(cache_features="used", seconds=time.perf_counter() - t0)
         return hist
 
-    def _batched_features(self, x: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
+    def _batched_features(self, x: data.Inputs, batch_size: int = FEATURE_BATCH) -> np.ndarray:
         """The head's input for ``x``, computed ``batch_size`` samples at a time (a backend may prepare
         once for all batches)."""
         return np.concatenate([np.asarray(self._features(data.take(x, slice(i, i + batch_size))))

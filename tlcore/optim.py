@@ -20,35 +20,33 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import numbers
+from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 from .errors import OptimizerConfigError, unknown_name_message
+from .losses import CrossEntropy, LossSpec
 
-LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
 #: the compute precisions of a training step; weights (the master copy) stay float32
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
-def check_loss(loss: str) -> str:
-    """Return ``loss`` if it is a known loss name, else raise :class:`OptimizerConfigError`."""
-    if loss not in LOSSES:
-        raise OptimizerConfigError(unknown_name_message("loss", loss, LOSSES))
-    return loss
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _positive(owner: str, name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not _real(value) or not math.isfinite(value) or value <= 0:
         raise OptimizerConfigError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
 
 
 def _non_negative(owner: str, name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not _real(value) or not math.isfinite(value) or value < 0:
         raise OptimizerConfigError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
 
 
 def _unit(owner: str, name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if not _real(value) or not 0.0 <= value < 1.0:
         raise OptimizerConfigError(f"{owner}: {name} must be in [0, 1), got {value!r}")
 
 
@@ -63,6 +61,10 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         _positive(type(self).__name__, "lr", self.lr)
         _non_negative(type(self).__name__, "weight_decay", self.weight_decay)
+        for f in fields(self):  # numpy scalars become plain floats (hashable, JSON-able, the same everywhere)
+            value = getattr(self, f.name)
+            if _real(value) and not isinstance(value, int):
+                object.__setattr__(self, f.name, float(value))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
@@ -146,7 +148,8 @@ class TrainSpec:
     """Everything a backend needs to build one training step; hashable, so steps can be cached."""
 
     optimizer: OptimizerSpec
-    loss: str = "cross_entropy"
+    #: a ``tlcore.losses`` spec (PyTorch's semantics, weighted mean ``sum(s * l) / sum(s * d)``)
+    loss: LossSpec = field(default_factory=CrossEntropy)
     clip_grad_norm: float | None = None
     seed: int = 0
     #: compute dtype of the forward and backward pass (mixed precision); weights and optimizer state

@@ -1,7 +1,14 @@
 """The JAX training step: one ``jax.jit``-compiled function per (model structure, freeze partition,
-optimizer, loss, precision, batch structure and shapes), shared by every model of the same structure
-and reused across batches, epochs and ``fit`` calls. A batch is an array, a dict or a tuple of arrays
-(a pytree: jit keys its cache on the structure, so dict batches compile once per shape too).
+optimizer, loss spec, precision, batch structure and shapes, with or without sample weights), shared
+by every model of the same structure and reused across batches, epochs and ``fit`` calls. A batch is
+an array, a dict or a tuple of arrays (a pytree: jit keys its cache on the structure, so dict batches
+compile once per shape too). The step returns the logits of its training forward pass (float32); the
+core computes the loss and metrics from them in numpy.
+
+The loss is ``tlcore.losses``' spec with PyTorch's exact semantics (:func:`weighted_loss`: class
+weights, label smoothing, soft labels, ``pos_weight``, Huber's ``delta``, and per-sample weights as
+``sum(w * l) / sum(w * d)``); the spec is part of the static step configuration, so its class and
+positive weights are constants of the compiled step.
 
 Frozen costs nothing: the step differentiates only the trainable parameters (the state is split
 into trainable / updated-by-the-forward-pass / constant parts, and ``jax.grad`` sees only the first),
@@ -19,7 +26,7 @@ of the cast), the float32 master weights, the optimizer state and trainable Batc
 
 Example:
     >>> trainer = model._make_trainer(TrainSpec(tl.optim.Adam(lr=1e-3)))   # doctest: +SKIP
-    >>> loss_sum, correct = trainer.step(x, y)                              # doctest: +SKIP
+    >>> logits = trainer.step(x, y, sample_weight)                          # doctest: +SKIP
     >>> trainer.compilations                                                # doctest: +SKIP
     1
 """
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -42,6 +49,7 @@ from flax import nnx
 from tlcore.backend import Trainer
 from tlcore.data import Inputs, num_samples, take
 from tlcore.errors import TlcoreError
+from tlcore.losses import LossSpec, as_loss
 from tlcore.optim import OptimizerSpec, TrainSpec
 
 from .cut import Path, run_until, top_layer
@@ -90,18 +98,69 @@ def build_optimizer(spec: OptimizerSpec, clip_grad_norm: float | None = None) ->
     return optax.chain(*parts)
 
 
-def loss_and_correct(out: jax.Array, y: jax.Array, loss: str) -> tuple[jax.Array, jax.Array]:
-    """Mean loss over the batch and the number of correct predictions (0 for mse)."""
-    n = y.shape[0]
-    if loss == "cross_entropy":
+def weighted_loss(out: jax.Array, y: jax.Array, w: jax.Array | None, spec: LossSpec) -> jax.Array:
+    """``spec``'s weighted mean loss with PyTorch's semantics (see ``tlcore.backend.Trainer.step``).
+
+    The per-sample loss ``l`` is what torch's ``reduction="none"`` gives: ``F.cross_entropy`` with
+    ``weight=`` and ``label_smoothing`` (``(1 - ε) * cw[y] * nll + ε / c * sum_j cw[j] * -log p_j``
+    for integer labels; ``-sum_j cw[j] * q_j * log p_j`` with ``q = (1 - ε) * y + ε / c`` for class
+    probabilities), ``binary_cross_entropy_with_logits`` with ``pos_weight``, ``mse_loss`` or
+    ``huber_loss`` (the last three averaged over a sample's outputs); the mean is
+    ``sum(w * l) / sum(w * d)`` with ``d = cw[y]`` for integer labels with class weights, else 1
+    (``w = 1`` without sample weights: torch's ``reduction="mean"``). Class and positive weights are
+    constants (the spec is static). Computed in ``out``'s dtype (the step passes float32).
+
+    Example:
+        >>> from tlcore.losses import CrossEntropy
+        >>> z, y = jnp.zeros((2, 4)), jnp.array([0, 3])
+        >>> round(float(weighted_loss(z, y, None, CrossEntropy(label_smoothing=0.1))), 6)   # log(4)
+        1.386294
+    """
+    n = out.shape[0]
+    d = None
+    if spec.kind == "cross_entropy":
         logits = out.reshape(n, -1)
-        per = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return per.mean(), (logits.argmax(axis=1) == y).sum()
-    z = out.reshape(y.shape)
-    if loss == "binary_cross_entropy":
-        correct = ((z > 0) == (y > 0.5)).astype(jnp.float32).reshape(n, -1).mean(axis=1).sum()
-        return optax.sigmoid_binary_cross_entropy(z, y).mean(), correct
-    return optax.squared_error(z, y).mean(), jnp.zeros((), jnp.int32)
+        c = logits.shape[1]
+        cw = spec.class_weights(c)
+        cw = None if cw is None else jnp.asarray(cw, logits.dtype)
+        eps = spec.label_smoothing
+        logp = jax.nn.log_softmax(logits, axis=1)
+        if y.ndim == 1:                                   # torch's cross_entropy_loss_label_smoothing
+            nll = -jnp.take_along_axis(logp, y[:, None].astype(jnp.int32), axis=1)[:, 0]
+            if cw is not None:
+                d = cw[y]
+                nll = d * nll
+            per = nll
+            if eps:
+                smooth = -(logp.sum(axis=1) if cw is None else (logp * cw).sum(axis=1))
+                per = (1.0 - eps) * nll + (eps / c) * smooth
+        else:                                             # torch's cross_entropy_loss_prob_target
+            q = y.astype(logits.dtype)
+            q = q * (1.0 - eps) + eps / c if eps else q
+            per = -((q if cw is None else q * cw) * logp).sum(axis=1)
+    else:
+        z = out.reshape(y.shape)
+        t = y.astype(z.dtype)
+        if spec.kind == "binary_cross_entropy":
+            pw = spec.pos_weights(z.reshape(n, -1).shape[1])
+            softplus_neg = jax.nn.softplus(-z)            # -log(sigmoid(z)), stable for any z
+            if pw is not None:                            # torch: log_weight = (pos_weight - 1) * t + 1
+                softplus_neg = ((jnp.asarray(pw, z.dtype).reshape(z.shape[1:]) - 1.0) * t + 1.0) * softplus_neg
+            elem = (1.0 - t) * z + softplus_neg
+        elif spec.kind == "huber":
+            delta = spec.delta
+            diff = z - t
+            a = jnp.abs(diff)
+            elem = jnp.where(a < delta, 0.5 * diff * diff, delta * (a - 0.5 * delta))
+        elif spec.kind == "mse":
+            elem = jnp.square(z - t)
+        else:
+            raise ValueError(f"unknown loss kind {spec.kind!r}")
+        per = elem.reshape(n, -1).mean(axis=1)
+    if w is None and d is None:
+        return per.mean()
+    s = jnp.ones_like(per) if w is None else w.astype(per.dtype)
+    return (s * per).sum() / (s.sum() if d is None else (s * d).sum())
 
 
 @dataclass(frozen=True)
@@ -109,7 +168,7 @@ class StepConfig:
     """The static part of a training step besides the module's :class:`LeafSplit` (hashable)."""
 
     optimizer: OptimizerSpec
-    loss: str
+    loss: LossSpec
     clip_grad_norm: float | None
     frozen_bn: frozenset
     precision: str = "float32"
@@ -218,11 +277,13 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def _train_step(split: LeafSplit, cfg: StepConfig, traces: list[int], trainable: list, mutable: list,
-                const: list, opt_state: Any, scale: LossScale | None, x: Inputs, y: jax.Array):
-    """One step (traced under ``jax.jit``): gradient of the mean loss with respect to ``trainable``
-    only, optimizer update of ``trainable``, the new ``mutable`` state from the forward pass; returns
-    ``(trainable, mutable, opt_state, scale, summed loss, number correct)``. ``const`` is never
-    written. Under mixed precision the forward and backward pass compute in ``cfg.precision``
+                const: list, opt_state: Any, scale: LossScale | None, x: Inputs, y: jax.Array,
+                w: jax.Array | None):
+    """One step (traced under ``jax.jit``): gradient of the weighted mean loss (:func:`weighted_loss`,
+    sample weights ``w`` or None) with respect to ``trainable`` only, optimizer update of
+    ``trainable``, the new ``mutable`` state from the forward pass; returns ``(trainable, mutable,
+    opt_state, scale, outputs)``, the outputs (logits) of the forward pass in float32. ``const`` is
+    never written. Under mixed precision the forward and backward pass compute in ``cfg.precision``
     (``scale``: float16's :class:`LossScale`, else None)."""
     traces[0] += 1  # runs once per trace, i.e. once per compilation
     tx = build_optimizer(cfg.optimizer, cfg.clip_grad_norm)
@@ -250,21 +311,22 @@ def _train_step(split: LeafSplit, cfg: StepConfig, traces: list[int], trainable:
         leaves = jax.tree.leaves(model)
         # in their own dtype (a layer may write a statistic in the compute dtype), so steps never retrace
         new_mutable = [_as_dtype(leaves[i], old.dtype) for i, old in zip(split.mutable, mutable)]
-        mean, correct = loss_and_correct(out.astype(jnp.float32), y, cfg.loss)
-        return mean if scale is None else mean * scale.scale, (mean * y.shape[0], correct, new_mutable)
+        out = out.astype(jnp.float32)  # the loss in float32
+        mean = weighted_loss(out, y, w, cfg.loss)
+        return mean if scale is None else mean * scale.scale, (out, new_mutable)
 
-    grads, (total, correct, new_mutable) = jax.grad(loss_fn, has_aux=True)(trainable)
+    grads, (out, new_mutable) = jax.grad(loss_fn, has_aux=True)(trainable)
     if scale is not None:
         grads = jax.tree.map(lambda g: g / scale.scale, grads)
     updates, new_opt_state = tx.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     if scale is None:
-        return new_trainable, new_mutable, new_opt_state, None, total, correct
+        return new_trainable, new_mutable, new_opt_state, None, out
     finite = _all_finite(grads)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_mutable = [keep(n, o) if jnp.issubdtype(o.dtype, jnp.floating) else n for n, o in zip(new_mutable, mutable)]
     return (keep(new_trainable, trainable), new_mutable, keep(new_opt_state, opt_state), scale.adjust(finite),
-            total, correct)
+            out)
 
 
 @dataclass
@@ -361,16 +423,21 @@ class JaxTrainer(Trainer):
 
     Example:
         >>> trainer = model._make_trainer(TrainSpec(tl.optim.SGD(lr=0.1)))   # doctest: +SKIP
-        >>> trainer.step(x, y); trainer.finish(); trainer.compilations       # doctest: +SKIP
+        >>> logits = trainer.step(x, y); trainer.finish(); trainer.compilations   # doctest: +SKIP
         1
     """
+
+    #: :meth:`epoch` dispatches this many steps ahead of the outputs it copies to the host, so the
+    #: device never waits for a copy (and at most this many batches of outputs wait on the device)
+    PIPELINE_DEPTH = 2
 
     def __init__(self, model: JaxModel, spec: TrainSpec, part: Partition, cache: dict):
         self.module = model.native
         self.streams, self.rng_prefix = model.layout.rng_streams, model.rng_prefix
         self.spec = spec
         treedef = jax.tree.structure(self.module)
-        self.cfg = StepConfig(spec.optimizer, spec.loss, spec.clip_grad_norm, part.frozen_bn, spec.precision)
+        self.cfg = StepConfig(spec.optimizer, as_loss(spec.loss), spec.clip_grad_norm, part.frozen_bn,
+                              spec.precision)
         # ``cache`` is this model's partition's: its leaf split by structure, compiled steps by
         # (structure, config), so a fit hashes no split
         if treedef not in cache:
@@ -398,35 +465,53 @@ class JaxTrainer(Trainer):
         """Native paths of the variables the step differentiates and optimizes."""
         return list(self.split.paths[:len(self.split.trainable)])
 
-    def step(self, x: Inputs, y: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    def step(self, x: Inputs, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+        """Train on one batch; return the logits of its training forward pass (float32 numpy)."""
+        check_call(self.module, x)
+        return np.asarray(self._dispatch(to_device(x), _labels(y), _weights(w)))
+
+    def epoch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None, batches: list,
+              on_step: Callable[[int], Any] = lambda n: None) -> list[np.ndarray]:
+        """The core's epoch, on ``x``, ``y`` and ``w`` checked and converted for the device once; each
+        step's outputs are copied to the host while later steps run (see :attr:`PIPELINE_DEPTH`)."""
+        check_call(self.module, x)
+        x, y, w = to_device(x), _labels(y), _weights(w)
+        outs: list[np.ndarray] = []
+        pending: deque[jax.Array] = deque()
+        for b in batches:
+            out = self._dispatch(take(x, b), y[b], None if w is None else w[b])
+            out.copy_to_host_async()
+            pending.append(out)
+            on_step(1)
+            if len(pending) > self.PIPELINE_DEPTH:
+                outs.append(np.asarray(pending.popleft()))
+        outs.extend(np.asarray(out) for out in pending)
+        return outs
+
+    def _dispatch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None) -> jax.Array:
+        """Run the compiled step on a converted batch; its outputs stay on the device."""
         before = self.compiled.traces[0]
-        self.trainable, self.mutable, self.opt_state, self.loss_scale, total, correct = \
-            self.compiled.fn(*self._args(x, y))
+        self.trainable, self.mutable, self.opt_state, self.loss_scale, out = \
+            self.compiled.fn(self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, x, y, w)
         self.compilations += self.compiled.traces[0] - before
         self._dirty = True
-        return total, correct
+        return out
 
-    def epoch(self, x: Inputs, y: np.ndarray, batches: list, on_step: Callable[[int], Any] = lambda n: None
-              ) -> list[tuple[Any, Any]]:
-        """The core's epoch, on ``x`` checked against the module and converted for the device once."""
-        check_call(self.module, x)
-        return super().epoch(to_device(x), y, batches, on_step)
-
-    def _args(self, x: Inputs, y: np.ndarray) -> tuple:
+    def _args(self, x: Inputs, y: np.ndarray, w: np.ndarray | None = None) -> tuple:
         check_call(self.module, x)
         return (self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, to_device(x),
-                y.astype(np.int32) if y.dtype == np.int64 else y)
+                _labels(y), _weights(w))
 
-    def jaxpr(self, x: np.ndarray, y: np.ndarray) -> jax.extend.core.ClosedJaxpr:
+    def jaxpr(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> jax.extend.core.ClosedJaxpr:
         """The step's jaxpr for one batch, traced afresh (not counted as a compilation); to inspect
         what a step computes, e.g. that no gradient is taken for a frozen tensor."""
         fn = functools.partial(_train_step, self.split, self.cfg, [0])
-        return jax.make_jaxpr(fn)(*self._args(x, y))
+        return jax.make_jaxpr(fn)(*self._args(x, y, w))
 
-    def compiled_text(self, x: np.ndarray, y: np.ndarray) -> str:
+    def compiled_text(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> str:
         """The optimized HLO that XLA runs for one batch of this shape (compiled on demand; for
         inspection, e.g. counting the convolutions a frozen step really runs)."""
-        return self.compiled.fn.lower(*self._args(x, y)).compile().as_text()
+        return self.compiled.fn.lower(*self._args(x, y, w)).compile().as_text()
 
     def finish(self) -> None:
         if self._dirty:
@@ -437,3 +522,17 @@ class JaxTrainer(Trainer):
 
     def optimizer_state_bytes(self) -> int:
         return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self.opt_state)))
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    """Targets for the device: int64 labels as int32 (JAX's default integers; the core checked their
+    range against the head), class probabilities and values as float32."""
+    y = np.asarray(y)
+    if y.dtype == np.int64:
+        return y.astype(np.int32)
+    return y if y.dtype.kind in "iu" or y.dtype == np.float32 else y.astype(np.float32)
+
+
+def _weights(w: np.ndarray | None) -> np.ndarray | None:
+    """Sample weights as float32 (the core gives float64 or float32), or None."""
+    return None if w is None else np.asarray(w, dtype=np.float32)

@@ -1,5 +1,6 @@
 """The Keras training step: ``tlcore.optim`` specs as Keras optimizers with PyTorch's exact update
-rules, Keras losses, and a compiled ``tf.function`` step per trainable set.
+rules, ``tlcore.losses`` specs with PyTorch's exact formulas (:func:`weighted_loss`), and a compiled
+``tf.function`` step per trainable set that returns the outputs of its forward pass.
 
 Optimizers. Keras' built-in optimizers differ from the rules in ``tlcore/optim.py`` (Adam adds
 ``epsilon`` to ``sqrt(v)`` before bias correction, RMSprop adds it inside the square root, and their
@@ -48,7 +49,7 @@ changing ``trainable`` after compiling (the stale-compile pitfall, keras#6405) c
 
 Example:
     >>> trainer = KerasTrainer(model, trainable_vars, rng_vars, TrainSpec(tl.optim.Adam(lr=1e-3)))  # doctest: +SKIP
-    >>> loss_sum, correct = trainer.step(x_batch, y_batch)                                         # doctest: +SKIP
+    >>> logits = trainer.step(x_batch, y_batch, sample_weight_batch)                                # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from tlcore.backend import Trainer
+from tlcore.losses import LossSpec
 from tlcore.optim import OptimizerSpec, TrainSpec
 
 from . import PrecisionNotSupportedError
@@ -256,19 +258,89 @@ def build_optimizer(spec: OptimizerSpec, clip_grad_norm: float | None = None) ->
     return OPTIMIZERS[spec.kind](spec, clip_grad_norm)
 
 
-def loss_and_correct(out, y, loss: str):
-    """Mean loss (a Keras loss on logits) and the number of correct predictions (0 for mse)."""
-    if loss == "cross_entropy":
-        logits = tf.reshape(out, (tf.shape(out)[0], -1))
-        value = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=y.dtype), y), tf.float32))
-        return value, correct
-    out = tf.reshape(out, tf.shape(y))
-    if loss == "binary_cross_entropy":
-        value = tf.reduce_mean(keras.losses.binary_crossentropy(y, out, from_logits=True))
-        hits = tf.cast(tf.equal(out > 0, y > 0.5), tf.float32)
-        return value, tf.reduce_sum(tf.reduce_mean(hits, axis=1))
-    return tf.reduce_mean(keras.losses.mean_squared_error(y, out)), tf.zeros(())
+def _constant(values: np.ndarray | None):
+    """A float32 constant of the traced step (class or positive weights are part of the loss spec)."""
+    return None if values is None else tf.constant(values, tf.float32)
+
+
+def _static_width(out) -> int | None:
+    """The number of outputs per sample of ``out`` where known when the step is traced, else None."""
+    dims = out.shape[1:]
+    return None if None in dims else int(np.prod(dims, dtype=np.int64))
+
+
+def per_sample_loss(out, y, spec: LossSpec) -> tuple:
+    """``(l, d)``: ``spec``'s per-sample losses ``l`` (n,) as PyTorch's ``reduction="none"`` gives them
+    (the mean over a sample's outputs for binary cross entropy, MSE and Huber) and the denominator
+    weights ``d`` (n,), or None where every ``d_i`` is 1 (see ``tlcore.backend.Trainer.step``).
+
+    Keras' own losses are not used: its sparse cross entropy has no label smoothing, its ``class_weight``
+    is a sample weight on a sample's whole (smoothed) loss and its mean divides by the batch size, where
+    PyTorch weighs each class's term and divides by the labels' summed class weights; and it has no
+    ``pos_weight``. The formulas are PyTorch's (``cross_entropy_loss_label_smoothing``,
+    ``cross_entropy_loss_prob_target``, ``binary_cross_entropy_with_logits``, ``huber_loss``)."""
+    n = tf.shape(out)[0]
+    if spec.kind == "cross_entropy":
+        width = _static_width(out)
+        if width is None and spec.class_weight is not None:
+            raise ValueError(f"class weights need the number of classes, but the model's output shape "
+                             f"{tuple(out.shape)} is not known when the step is traced")
+        logits = tf.reshape(out, (n, -1 if width is None else width))
+        c = width if width is not None else tf.shape(logits)[1]
+        cw = None if width is None else _constant(spec.class_weights(width))
+        eps = spec.label_smoothing
+        eps_c = eps / (c if width is not None else tf.cast(c, tf.float32)) if eps else 0.0  # torch's ε / c
+        if y.dtype.is_integer:
+            if not eps:  # the fused op: softmax - one_hot is the exact gradient of a one-hot target
+                nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+                if cw is None:
+                    return nll, None
+                d = tf.gather(cw, y)
+                return d * nll, d
+            # torch: (1 - ε) * nll(weight) + ε / c * (-sum_k weight_k * log p_k)
+            target = tf.one_hot(y, c, on_value=1.0 - eps + eps_c, off_value=eps_c, dtype=tf.float32)
+            d = None
+            if cw is not None:
+                target, d = target * cw, tf.gather(cw, y)
+        else:  # class probabilities: torch smooths them, weighs each class, and divides by n
+            target = tf.cast(y, tf.float32)
+            if eps:
+                target = target * (1.0 - eps) + eps_c
+            if cw is not None:
+                target = target * cw
+            d = None
+        # not softmax_cross_entropy_with_logits: its gradient (softmax - target) assumes rows summing
+        # to 1, which weighted (or slightly off) targets do not
+        return -tf.reduce_sum(target * tf.nn.log_softmax(logits), axis=1), d
+    z = tf.reshape(out, tf.shape(y))
+    if spec.kind == "binary_cross_entropy":
+        pw = _constant(spec.pos_weights(y.shape[1]))
+        if pw is None:
+            elem = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z)
+        else:  # (1 - t) * x + ((pw - 1) * t + 1) * softplus(-x): torch's formula
+            elem = tf.nn.weighted_cross_entropy_with_logits(labels=y, logits=z, pos_weight=pw)
+    elif spec.kind == "huber":
+        diff = z - y
+        a = tf.abs(diff)
+        elem = tf.where(a < spec.delta, 0.5 * diff * diff, spec.delta * (a - 0.5 * spec.delta))
+    elif spec.kind == "mse":
+        elem = tf.square(z - y)
+    else:
+        raise ValueError(f"unknown loss kind {spec.kind!r}")
+    return tf.reduce_mean(tf.reshape(elem, (n, -1)), axis=1), None
+
+
+def weighted_loss(out, y, w, spec: LossSpec):
+    """``spec``'s weighted mean loss in float32: ``sum_i w_i * l_i / sum_i w_i * d_i``, i.e. PyTorch's
+    ``reduction="mean"`` without sample weights ``w`` (see ``tlcore.backend.Trainer.step``). Weights
+    summing to 0 give NaN, as in PyTorch."""
+    per, d = per_sample_loss(tf.cast(out, tf.float32), y, spec)
+    if w is None and d is None:
+        return tf.reduce_mean(per)
+    if w is None:
+        return tf.reduce_sum(per) / tf.reduce_sum(d)
+    w = tf.cast(w, tf.float32)
+    return tf.reduce_sum(w * per) / tf.reduce_sum(w if d is None else w * d)
 
 
 def seed_rngs(rng_vars: list[tuple[str, object]], seed: int) -> None:
@@ -386,13 +458,14 @@ class KerasTrainer(Trainer):
         seed_rngs(self.rng_vars, seed)
         self.compilations = 0
 
-    def _train_step(self, x, y):
+    def _train_step(self, x, y, w=None):
+        """One step; returns the float32 outputs of its training forward pass."""
         self.compilations += 1  # runs once per trace
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             for v in self.variables:
                 tape.watch(v.value)
-            out = self.model(x, training=True)
-            loss, correct = loss_and_correct(tf.cast(out, tf.float32), y, self.spec.loss)  # the loss in float32
+            out = tf.cast(self.model(x, training=True), tf.float32)  # the loss in float32
+            loss = weighted_loss(out, y, w, self.spec.loss)
             extra = self.model.losses  # regularisation terms of the model's layers, as Keras' fit adds
             objective = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) if extra else loss
             if self.scaler is not None:
@@ -403,23 +476,28 @@ class KerasTrainer(Trainer):
                 self.optimizer.apply(grads, self.variables)
             else:  # unscaled, clipped and applied only when every gradient is finite (else the scale halves)
                 self.scaler.apply(dense(grads), self.variables)
-        return loss * tf.cast(tf.shape(y)[0], loss.dtype), correct
+        return out
 
-    def step(self, x: Any, y: np.ndarray):
+    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+        """Train on one batch; return the outputs (logits) of its training forward pass (float32)."""
         x = self.to_inputs(x)
-        key = (structure_key(x), y.shape[1:], y.dtype)
+        args = (x, y) if w is None else (x, y, w)
+        key = (structure_key(x), y.shape[1:], y.dtype, w is None)
         fn = self._fns.get(key)
-        if fn is None:  # one trace per per-sample shape: the batch size (a short last batch) is free
+        if fn is None:  # one trace per per-sample shape (and with or without w): the batch size is free
             signature = [signature_of(x), tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype))]
+            if w is not None:
+                signature.append(tf.TensorSpec((None,), tf.float32))
             # called as its concrete function: the signature is fixed, so the polymorphic function's
             # dispatch (cache lookup, binding) would only add ~0.15 ms of Python per step
             with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
-                fn = tf.function(self._train_step, input_signature=signature, jit_compile=self.jit_compile,
+                train = self._train_step if w is not None else lambda x, y: self._train_step(x, y)
+                fn = tf.function(train, input_signature=signature, jit_compile=self.jit_compile,
                                  autograph=False).get_concrete_function()
             self._fns[key] = fn
             with precision_errors(self.spec.precision):  # a missing kernel shows on the first run
-                return fn(x, y)
-        return fn(x, y)
+                return fn(*args).numpy()
+        return fn(*args).numpy()
 
     def optimizer_state_bytes(self) -> int:
         if self.optimizer is None:
@@ -457,68 +535,77 @@ class SharedStepTrainer(Trainer):
         self.iteration = tf.constant(0, tf.int64)
         self.compilations = 0
 
-    def _pure_step(self, x, y, weights, states, slots, iteration):
+    def _pure_step(self, x, y, w, weights, states, slots, iteration):
         _traces[0] += 1
         step = tf.cast(iteration + 1, tf.float32)
         with tf.GradientTape() as tape:
             tape.watch(weights)
             out, states, extra = self.model.stateless_call(weights, states, x, training=True, return_losses=True)
-            loss, correct = loss_and_correct(tf.cast(out, tf.float32), y, self.spec.loss)
+            out = tf.cast(out, tf.float32)
+            loss = weighted_loss(out, y, w, self.spec.loss)
             objective = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) if extra else loss
         grads = dense(tape.gradient(objective, weights))
         if self.spec.clip_grad_norm is not None:
             grads = clip_by_global_norm(grads, self.spec.clip_grad_norm)
         updated = [self.optimizer.rule(w, g, slot, step) for w, g, slot in zip(weights, grads, slots)]
-        return (loss * tf.cast(tf.shape(x)[0], loss.dtype), correct, [u[0] for u in updated], states,
-                [u[1] for u in updated], iteration + 1)
+        return (out, [u[0] for u in updated], states, [u[1] for u in updated], iteration + 1)
 
-    def _pure_steps(self, x, y, batches, weights, states, slots, iteration):
-        """One step per row of ``batches`` (indices into ``x`` and ``y``), in a graph loop."""
+    def _pure_steps(self, x, y, w, batches, weights, states, slots, iteration):
+        """One step per row of ``batches`` (indices into ``x``, ``y`` and ``w``; ``w`` may be None),
+        in a graph loop; returns each step's outputs stacked, ``(steps, batch, ...)``."""
         n = tf.shape(batches)[0]
 
-        def body(i, weights, states, slots, iteration, losses, corrects):
+        def body(i, weights, states, slots, iteration, outs):
             ids = batches[i]
-            loss, correct, weights, states, slots, iteration = self._pure_step(
-                tf.gather(x, ids), tf.gather(y, ids), weights, states, slots, iteration)
-            return i + 1, weights, states, slots, iteration, losses.write(i, loss), corrects.write(i, correct)
+            out, weights, states, slots, iteration = self._pure_step(
+                tf.gather(x, ids), tf.gather(y, ids), None if w is None else tf.gather(w, ids),
+                weights, states, slots, iteration)
+            return i + 1, weights, states, slots, iteration, outs.write(i, out)
 
-        arrays = [tf.TensorArray(tf.float32, size=n) for _ in range(2)]
-        _, weights, states, slots, iteration, losses, corrects = tf.while_loop(
-            lambda i, *_: i < n, body, [tf.constant(0), weights, states, slots, iteration, *arrays])
-        return losses.stack(), corrects.stack(), weights, states, slots, iteration
+        outs = tf.TensorArray(tf.float32, size=n)
+        _, weights, states, slots, iteration, outs = tf.while_loop(
+            lambda i, *_: i < n, body, [tf.constant(0), weights, states, slots, iteration, outs])
+        return outs.stack(), weights, states, slots, iteration
 
-    def _function(self, x: np.ndarray, y: np.ndarray):
+    def _function(self, x: np.ndarray, y: np.ndarray, weighted: bool):
         def make():
             spec = lambda t: tf.TensorSpec(t.shape, t.dtype)  # noqa: E731
             signature = [tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
                          tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
+                         *([tf.TensorSpec((None,), tf.float32)] if weighted else []),
                          tf.TensorSpec((None, None), tf.int64),
                          [spec(w) for w in self.weights], [spec(v) for v in self.states],
                          [{n: spec(v) for n, v in slot.items()} for slot in self.slots],
                          tf.TensorSpec((), tf.int64)]
-            return tf.function(self._pure_steps, input_signature=signature, autograph=False)
+            pure = self._pure_steps if weighted else \
+                lambda x, y, *rest: self._pure_steps(x, y, None, *rest)
+            return tf.function(pure, input_signature=signature, autograph=False)
 
-        return shared(("steps", self.key, x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str), make)
+        return shared(("steps", self.key, x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str, weighted), make)
 
-    def _run(self, x: np.ndarray, y: np.ndarray, batches: np.ndarray) -> list[tuple]:
+    def _run(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None, batches: np.ndarray) -> np.ndarray:
+        """The steps of ``batches`` in one call; their outputs stacked, ``(steps, batch, ...)``."""
         before = _traces[0]
+        args = (x, y) if w is None else (x, y, w)
         with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
-            losses, corrects, self.weights, self.states, self.slots, self.iteration = self._function(x, y)(
-                x, y, batches, self.weights, self.states, self.slots, self.iteration)
+            outs, self.weights, self.states, self.slots, self.iteration = self._function(x, y, w is not None)(
+                *args, batches, self.weights, self.states, self.slots, self.iteration)
         self.compilations += _traces[0] - before
-        return list(zip(losses.numpy(), corrects.numpy()))
+        return outs.numpy()
 
-    def step(self, x: np.ndarray, y: np.ndarray):
-        return self._run(x, y, np.arange(len(x))[None])[0]
+    def step(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+        return self._run(x, y, w, np.arange(len(x))[None])[0]
 
-    def epoch(self, x: np.ndarray, y: np.ndarray, batches: list, on_step=lambda n: None) -> list[tuple]:
+    def epoch(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None, batches: list,
+              on_step=lambda n: None) -> list[np.ndarray]:
         """The whole epoch in one call (the full batches in one graph loop, a shorter last batch in a
-        second call): a head on cached features is so small that calling a step costs more than running it."""
+        second call): a head on cached features is so small that calling a step costs more than running
+        it. Returns each step's outputs."""
         ids = [np.arange(len(x))[b] for b in batches]
         full = [i for i in ids if len(i) == len(ids[0])]
-        outs = self._run(x, y, np.stack(full))
+        outs = list(self._run(x, y, w, np.stack(full)))
         if len(full) < len(ids):
-            outs += self._run(x, y, ids[-1][None])
+            outs.append(self._run(x, y, w, ids[-1][None])[0])
         on_step(len(ids))
         return outs
 

@@ -132,7 +132,7 @@ class TorchModel(Model):
         return first.device if first is not None else torch.device("cpu")
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())  # tf.data's arrays are read-only
         t = t.permute(0, 3, 1, 2) if self.nhwc and t.ndim == 4 else t
         return t.to(self.device, non_blocking=True)
 

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from tlcore.backend import Trainer
+from tlcore.losses import LossSpec
 from tlcore.optim import OptimizerSpec, TrainSpec
 
 from ._torch import F, nn, torch
@@ -29,16 +30,32 @@ def build_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.op
     raise ValueError(f"unknown optimizer kind {spec.kind!r}")
 
 
-def loss_and_correct(out: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss and number of correct predictions (0 for mse)."""
-    if loss == "cross_entropy":
-        out = out.reshape(len(out), -1)
-        return F.cross_entropy(out, y), (out.argmax(1) == y).sum()
-    out = out.reshape(y.shape)
-    if loss == "binary_cross_entropy":
-        return (F.binary_cross_entropy_with_logits(out, y),
-                ((out > 0) == (y > 0.5)).float().mean(1).sum())
-    return F.mse_loss(out, y), torch.zeros(())
+def weighted_loss(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
+    """``spec``'s weighted mean loss (see ``tlcore.backend.Trainer.step``): PyTorch's own losses with
+    ``reduction="none"``, then ``sum(w * l) / sum(w * d)``."""
+    d = None
+    if spec.kind == "cross_entropy":
+        logits = out.reshape(len(out), -1)
+        cw = spec.class_weights(logits.shape[1])
+        weight = None if cw is None else torch.as_tensor(cw, dtype=logits.dtype, device=logits.device)
+        per = F.cross_entropy(logits, y, weight=weight, label_smoothing=spec.label_smoothing, reduction="none")
+        if weight is not None and y.ndim == 1:
+            d = weight[y]
+    else:
+        z = out.reshape(y.shape)
+        if spec.kind == "binary_cross_entropy":
+            pw = spec.pos_weights(y.shape[1])
+            pw = None if pw is None else torch.as_tensor(pw, dtype=z.dtype, device=z.device)
+            per = F.binary_cross_entropy_with_logits(z, y, pos_weight=pw, reduction="none")
+        elif spec.kind == "huber":
+            per = F.huber_loss(z, y, delta=spec.delta, reduction="none")
+        else:
+            per = F.mse_loss(z, y, reduction="none")
+        per = per.reshape(len(per), -1).mean(dim=1)
+    if w is None and d is None:
+        return per.mean()
+    s = torch.ones_like(per) if w is None else w.to(per.dtype)
+    return (s * per).sum() / (s * (torch.ones_like(per) if d is None else d)).sum()
 
 
 class TorchTrainer(Trainer):
@@ -70,14 +87,16 @@ class TorchTrainer(Trainer):
             self.scaler = torch.amp.GradScaler(self.device.type)
         train_mode(self.module, self.frozen_bn)
 
-    def step(self, x: np.ndarray, y: np.ndarray):
+    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
         if not self.module.training:  # an inference call (e.g. validation) happened in between
             train_mode(self.module, self.frozen_bn)
         args, kwargs = self.to_module(x)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = primary_output(self.module(*args, **kwargs))
         yb = torch.from_numpy(y).to(self.device, non_blocking=True)
-        loss, correct = loss_and_correct(out.float(), yb, self.spec.loss)  # the loss in float32
+        wb = None if w is None else torch.from_numpy(w).to(self.device, non_blocking=True)
+        out = out.float()  # the loss in float32
+        loss = weighted_loss(out, yb, wb, self.spec.loss)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
@@ -90,7 +109,7 @@ class TorchTrainer(Trainer):
             else:
                 self.scaler.step(self.optimizer)  # skipped when a gradient overflowed
                 self.scaler.update()
-        return loss.detach() * len(y), correct
+        return out.detach().cpu().numpy()
 
     def optimizer_state_bytes(self) -> int:
         if self.optimizer is None:

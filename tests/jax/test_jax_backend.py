@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import tlcore as tl
+from tlcore.losses import CrossEntropy
 from tlcore.optim import TrainSpec
 from tlcore.testing import reference_finetune, sample_data
 
@@ -42,7 +43,7 @@ def hlo_conv_count(text: str) -> int:
 
 
 def trainer_for(model: tl.Model, optimizer=None, clip=None, seed=0):
-    return model._make_trainer(TrainSpec(optimizer or tl.optim.Adam(lr=1e-2), "cross_entropy", clip, seed))
+    return model._make_trainer(TrainSpec(optimizer or tl.optim.Adam(lr=1e-2), CrossEntropy(), clip, seed))
 
 
 def fit(model, x, y, **kw):

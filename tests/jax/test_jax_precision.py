@@ -70,7 +70,10 @@ def test_the_step_computes_matmuls_and_convolutions_in_the_precision(precision):
     # master weights, optimizer state and trainable BatchNorm statistics stay float32
     trainer.step(x, y)
     assert float_dtypes((trainer.trainable, trainer.opt_state, trainer.mutable)) == {"float32"}
-    assert {str(v.dtype) for v in jaxpr.out_avals[:-2] if jnp.issubdtype(v.dtype, jnp.floating)} == {"float32"}
+    # every float output of the step (state, loss scale, and the logits it returns) is float32
+    assert {str(v.dtype) for v in jaxpr.out_avals if jnp.issubdtype(v.dtype, jnp.floating)} == {"float32"}
+    logits = trainer.step(x, y)
+    assert isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.shape == (16, 3)
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from tlcore.errors import OptimizerConfigError
-from tlcore.optim import OPTIMIZERS, OptimizerSpec, check_loss
+from tlcore.errors import unknown_name_message
+from tlcore.optim import OPTIMIZERS, OptimizerSpec
 
 __all__ = [
     "ReferenceOptimizer",
@@ -364,7 +365,9 @@ def linear_head_grads(features: np.ndarray, weight: np.ndarray, bias: np.ndarray
         >>> value, g["weight"].tolist(), g["bias"].tolist()
         (1.0, [[-4.0, -6.0]], [-2.0])
     """
-    value_fn, grad_fn = _LOSSES[check_loss(loss)]
+    if loss not in _LOSSES:
+        raise OptimizerConfigError(unknown_name_message("loss", loss, list(_LOSSES)))
+    value_fn, grad_fn = _LOSSES[loss]
     x = _float64("features", features, ndim=2)
     w = np.asarray(weight)
     b = np.asarray(bias)

@@ -1,0 +1,153 @@
+"""Real data in: DataLoaders, tf.data, map-style datasets, memmaps and tensors, on every backend;
+progress reporting; bounded memory. (The framework-free sources are in the conformance kit.)"""
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import tlcore as tl
+from tlcore.testing import reference_finetune, sample_data, selected_backends
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_TF = importlib.util.find_spec("tensorflow") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="a torch DataLoader needs torch")
+needs_tf = pytest.mark.skipif(not HAS_TF, reason="a tf.data.Dataset needs tensorflow")
+
+
+def fitted(backend, *args, **kw):
+    ft = reference_finetune(backend, dropout=0.0)
+    kw = {"epochs": 2, "batch_size": 8, "shuffle": False, "optimizer": tl.optim.Adam(lr=1e-2), "seed": 1,
+          "progress": False, "cache_features": False, **kw}
+    hist = ft.fit(*args, **kw)
+    return ft, hist
+
+
+def data_for(backend, n=32):
+    return sample_data(reference_finetune(backend), n=n)
+
+
+@needs_torch
+@pytest.mark.parametrize("backend", selected_backends())
+def test_a_torch_dataloader_feeds_every_backend_exactly_as_arrays(backend):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = data_for(backend)
+    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=8, shuffle=False)
+    a, _ = fitted(backend, x, y)
+    b, hist = fitted(backend, loader)
+    assert tl.changed_tensors(a.state(), b.state()) == {}
+    np.testing.assert_array_equal(b.predict(loader), b.predict(x))
+    assert b.evaluate(loader)["loss"] == pytest.approx(b.evaluate(x, y)["loss"], rel=1e-6)
+    assert hist.info["cache_features"] == "off"
+
+
+@needs_tf
+@pytest.mark.parametrize("backend", selected_backends())
+def test_a_tf_data_pipeline_feeds_every_backend_exactly_as_arrays(backend):
+    if backend == "keras":
+        tl.get_backend("keras")  # Keras must be imported on TensorFlow before tensorflow pulls it in
+    import tensorflow as tf
+
+    x, y = data_for(backend)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    a, _ = fitted(backend, x, y)
+    b, _ = fitted(backend, ds)
+    assert tl.changed_tensors(a.state(), b.state()) == {}
+    with pytest.raises(tl.DataError, match="repeats forever.*steps_per_epoch"):
+        fitted(backend, ds.repeat())
+    c, hist = fitted(backend, ds.repeat(), steps_per_epoch=4)
+    assert tl.changed_tensors(a.state(), c.state()) == {} and hist.info["steps"] == 8
+
+
+@needs_torch
+def test_a_map_style_dataset_is_batched_and_shuffled_by_tlcore_as_arrays_are():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    backend = "torch" if "torch" in selected_backends() else selected_backends()[0]
+    x, y = data_for(backend, n=30)
+    a, _ = fitted(backend, x, y, shuffle=True)
+    b, _ = fitted(backend, TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), shuffle=True)
+    assert tl.changed_tensors(a.state(), b.state()) == {}
+    c, _ = fitted(backend, x, y, shuffle=True, seed=5)
+    assert tl.changed_tensors(a.state(), c.state()), "negative control: another shuffle trains differently"
+
+
+@pytest.mark.parametrize("backend", selected_backends())
+def test_tensors_of_every_framework_are_arrays(backend):
+    x, y = data_for(backend)
+    as_tensor = {"torch": lambda a: __import__("torch").from_numpy(a),
+                 "jax": lambda a: __import__("jax.numpy").numpy.asarray(a)}
+    for name, make in as_tensor.items():
+        if importlib.util.find_spec(name) is None:
+            continue
+        a, _ = fitted(backend, x, y)
+        b, _ = fitted(backend, make(x), make(y))
+        assert tl.changed_tensors(a.state(), b.state()) == {}, name
+
+
+def test_a_uint8_memmap_larger_than_a_batch_is_scaled_batch_by_batch(tmp_path):
+    backend = selected_backends()[0]
+    x, y = data_for(backend)
+    pixels = np.clip((x - x.min()) / (x.max() - x.min()) * 255, 0, 255).astype(np.uint8)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.uint8, shape=pixels.shape)
+    mm[:] = pixels
+    mm.flush()
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    with pytest.warns(UserWarning, match=r"uint8.*tl.data.scale\(x, 1 / 255\)"):
+        fitted(backend, mm, y, epochs=1)
+    a, _ = fitted(backend, (pixels / np.float32(255)).astype(np.float32), y)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # declared: no warning
+        b, _ = fitted(backend, tl.data.scale(mm, 1 / 255), y)
+    for name, value in a.state().items():
+        np.testing.assert_allclose(b.state()[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_progress_is_a_line_per_epoch_off_a_terminal(capsys, caplog):
+    backend = selected_backends()[0]
+    x, y = data_for(backend)
+    fitted(backend, x, y, epochs=2, progress="epoch", metrics=["accuracy", "f1_macro"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and lines[1].startswith("epoch 2/2 - loss ") and "f1_macro" in lines[1]
+    with caplog.at_level(logging.INFO, logger="tlcore"):
+        fitted(backend, x, y, epochs=1, progress="epoch")
+    assert any(r.getMessage().startswith("epoch 1/1 - loss") for r in caplog.records), "through logging when set up"
+    assert capsys.readouterr().err.count("epoch 1/1") == 0
+    with pytest.raises(tl.DataError, match="progress"):
+        fitted(backend, x, y, progress="verbose")
+
+
+MEMORY = textwrap.dedent("""
+    import resource, sys, numpy as np, tlcore as tl
+    n, backend = int(sys.argv[1]), sys.argv[2]
+    base = tl.zoo.create("small_cnn", backend=backend, widths=(4, 8), input_size=64, num_classes=3)
+    ft = tl.finetune(base, cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(3))
+    def images():  # generated a batch at a time: the whole set would be n * 48 KiB
+        rng = np.random.default_rng(0)
+        for i in range(0, n, 250):
+            m = min(250, n - i)
+            yield rng.normal(size=(m, 64, 64, 3)).astype(np.float32), rng.integers(0, 3, m)
+    ft.fit(images, epochs=1, progress=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("subprocess")
+def test_memory_is_bounded_by_the_batch_not_the_data_set():
+    backend = "torch" if "torch" in selected_backends() else selected_backends()[0]
+    peak = {}
+    for n in (500, 20_000):  # 20,000 images of 64x64x3 float32 are 983 MB
+        out = subprocess.run([sys.executable, "-c", MEMORY, str(n), backend], capture_output=True, text=True,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        peak[n] = int(out.stdout.split()[-1])
+    assert peak[20_000] <= 1.5 * peak[500], peak
