@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             print(done.stderr[-3000:], file=sys.stderr)
             return done.returncode
         result = json.loads(done.stdout.strip().splitlines()[-1])
+        streaming = subprocess.run(cmd[:6] + ["cnn", *cmd[7:], "--streaming"], capture_output=True, text=True)
+        if streaming.returncode != 0:
+            print(streaming.stderr[-3000:], file=sys.stderr)
+            return streaming.returncode
+        result["rows"] += json.loads(streaming.stdout.strip().splitlines()[-1])["rows"]
         report["backends"][backend] = {"versions": result["versions"], "peak_rss_mb": result["peak_rss_mb"]}
         for row in result["rows"]:
             if row["mode"].startswith("e2e"):  # a user's script: one fine-tune in a new process

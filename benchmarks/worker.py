@@ -22,7 +22,7 @@ import numpy as np
 import tlcore as tl
 from tlcore.data import take
 
-from .workloads import CLIP, LR, WORKLOADS, build, data
+from .workloads import CLIP, LR, WORKLOADS, augmented_loader, build, data
 
 
 def timed(fn) -> float:
@@ -136,6 +136,41 @@ def measure_e2e(backend: str, native_cls, workload: str, repeats: int, steps: in
              "cache_features": info["cache_features"] if impl == "tlcore" else "off"} for impl in times]
 
 
+def measure_streaming(backend: str, native_cls, workload: str, repeats: int, steps: int, epochs: int) -> list[dict]:
+    """A frozen-backbone fine-tune fed by a torch DataLoader with a random flip (so nothing can be
+    cached): one epoch per run, tlcore's ``fit(loader)`` (reading ahead in a thread) against the
+    hand-written loop iterating the same loader, paired by repeat; and tlcore's in-memory epoch on the
+    same arrays (no augmentation, no caching), to see what loading costs once overlapped. Plus one
+    ``epochs``-epoch fine-tune of each side."""
+    batch = WORKLOADS[workload].batch
+    x, y = data(build(workload, backend, "frozen"), batch * steps)
+    ours, theirs = build(workload, backend, "frozen"), native_cls(build(workload, backend, "frozen"), "frozen")
+    kw = dict(epochs=1, optimizer=tl.optim.SGD(lr=LR, momentum=0.9), progress=False)
+    runs = {"stream": {"tlcore": lambda: ours.fit(augmented_loader(x, y, batch), **kw),
+                       "native": lambda: theirs.train_loader(augmented_loader(x, y, batch))},
+            "stream_in_memory": {"tlcore": lambda: ours.fit(x, y, batch_size=batch, shuffle=False,
+                                                            cache_features=False, **kw),
+                                 "native": lambda: theirs.train_epoch(x, y, batch)}}
+    for mode in runs.values():
+        for run in mode.values():
+            run()  # the first (compiling) run is not timed
+    times = {(m, i): [] for m in runs for i in ("tlcore", "native")}
+    for r in range(repeats):
+        for mode in runs:
+            for impl in ("tlcore", "native") if r % 2 == 0 else ("native", "tlcore"):
+                times[mode, impl].append(timed(runs[mode][impl]))
+    rows = [{"backend": backend, "workload": workload, "mode": mode, "impl": impl, "batch": batch, "steps": steps,
+             **summary(seconds, steps)} for (mode, impl), seconds in times.items()]
+    full = {"tlcore": lambda: build(workload, backend, "frozen").fit(augmented_loader(x, y, batch),
+                                                                     **{**kw, "epochs": epochs}),
+            "native": lambda: [native_cls(build(workload, backend, "frozen"), "frozen").train_loader(
+                augmented_loader(x, y, batch)) for _ in range(epochs)]}
+    for impl, run in full.items():
+        rows.append({"backend": backend, "workload": workload, "mode": f"stream_e2e_{epochs}_epochs", "impl": impl,
+                     "batch": batch, "steps": steps * epochs, **summary([timed(run)], 1)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--backend", required=True)
@@ -143,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--streaming", action="store_true", help="only the DataLoader fine-tune (measure_streaming)")
     p.add_argument("--fresh", choices=("tlcore", "native"),
                    help="only time one end-to-end run of this side, in this new process (with its compiling)")
     args = p.parse_args(argv)
@@ -154,7 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(out))
         return out
     rows = []
-    for workload in args.workloads.split(","):
+    if args.streaming:
+        rows = measure_streaming(args.backend, native_cls, args.workloads.split(",")[0], args.repeats, args.steps,
+                                 args.epochs)
+    for workload in [] if args.streaming else args.workloads.split(","):
         if WORKLOADS[workload].backends is not None and args.backend not in WORKLOADS[workload].backends:
             continue
         rows += measure_modes(args.backend, native_cls, workload, args.repeats, args.steps)

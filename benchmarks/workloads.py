@@ -80,6 +80,26 @@ def data(model: tl.Model, n: int, seed: int = 0):
     return rng.normal(size=(n, *example_shape(model))).astype(np.float32), y
 
 
+def augmented_loader(x: np.ndarray, y: np.ndarray, batch: int, seed: int = 0):
+    """A torch ``DataLoader`` over ``x, y`` whose dataset flips each image left-right at random (a
+    cheap augmentation, in numpy, in the loading process), in order, yielding torch tensors."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class Flipped(Dataset):
+        def __init__(self):
+            self.rng = np.random.default_rng(seed)
+
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            image = x[i][:, ::-1] if self.rng.random() < 0.5 else x[i]
+            return torch.from_numpy(np.ascontiguousarray(image)), int(y[i])
+
+    return DataLoader(Flipped(), batch_size=batch, shuffle=False)
+
+
 def example_shape_or_none(model: tl.Model):
     try:
         return example_shape(model)

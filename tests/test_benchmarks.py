@@ -19,11 +19,12 @@ def test_quick_benchmark_writes_json_markdown_and_chart(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "quick.json").read_text())
     modes = {(r["mode"], r["impl"]) for r in report["rows"]}
-    for mode in ("full", "frozen", "frozen_clip", "forward", "e2e_2_epochs"):
+    for mode in ("full", "frozen", "frozen_clip", "forward", "e2e_2_epochs", "stream", "stream_in_memory",
+                 "stream_e2e_2_epochs"):
         assert {(mode, "tlcore"), (mode, "native")} <= modes
     assert all(r["median_ms"] > 0 for r in report["rows"])
     assert report["import_tlcore_ms"] > 0 and report["backends"][backend]["peak_rss_mb"] > 0
     assert all(r["fresh_process_ms"] > 0 for r in report["rows"] if r["mode"] == "e2e_2_epochs")
     table = (tmp_path / "quick.md").read_text()
-    assert "tlcore/native" in table and "speed-up" in table
+    assert "tlcore/native" in table and "speed-up" in table and "DataLoader" in table
     assert (tmp_path / "quick.png").read_bytes()[:4] == b"\x89PNG"

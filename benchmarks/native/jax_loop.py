@@ -67,6 +67,13 @@ class Native:
                                                                       x[i:i + batch], y[i:i + batch])
         return float(loss)
 
+    def train_loader(self, loader) -> float:
+        """One epoch over a torch DataLoader of (image, label) batches (tensors to numpy, as a user would)."""
+        for xb, yb in loader:
+            self.params, self.rest, self.opt_state, loss = self._step(self.params, self.rest, self.opt_state,
+                                                                      xb.numpy(), yb.numpy().astype(np.int32))
+        return float(loss)
+
     def forward(self, x: np.ndarray, batch: int) -> np.ndarray:
         return np.concatenate([np.asarray(self._forward(self.params, self.rest, x[i:i + batch]))
                                for i in range(0, len(x), batch)])

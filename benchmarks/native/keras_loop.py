@@ -41,6 +41,12 @@ class Native:
             loss = self._step(x[i:i + batch], y[i:i + batch])
         return float(loss)
 
+    def train_loader(self, loader) -> float:
+        """One epoch over a torch DataLoader of (image, label) batches (tensors to numpy, as a user would)."""
+        for xb, yb in loader:
+            loss = self._step(xb.numpy(), yb.numpy())
+        return float(loss)
+
     def forward(self, x: np.ndarray, batch: int) -> np.ndarray:
         return np.concatenate([self._forward(x[i:i + batch]).numpy() for i in range(0, len(x), batch)])
 

@@ -58,6 +58,18 @@ class Native:
             self.opt.step()
         return float(loss.detach())
 
+    def train_loader(self, loader) -> float:
+        """One epoch over a torch DataLoader of (NHWC image, label) batches."""
+        self.net.train()
+        for m in self.frozen_bn:
+            m.eval()
+        for xb, yb in loader:
+            loss = F.cross_entropy(logits(self.net(xb.permute(0, 3, 1, 2))), yb)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        return float(loss.detach())
+
     def forward(self, x, batch: int) -> np.ndarray:
         self.net.eval()
         out = []
