@@ -27,10 +27,13 @@ _EXPORTS = {
     "finetune": "workflow", "wrap": "workflow", "load": "workflow",
     "FeatureCacheRefused": "model", "HeadNotBuiltError": "model", "History": "model", "Model": "model", "Summary": "model",
     "available_backends": "registry", "get_backend": "registry",
+    "LayerGroups": "groups", "LayerDecay": "groups", "Discriminative": "groups",
+    "UnfreezeSchedule": "recipes",
 }
-_SUBMODULES = ("optim", "zoo", "testing", "datasets", "checkpoint", "data", "losses", "metrics", "sources")
+_SUBMODULES = ("optim", "zoo", "testing", "datasets", "checkpoint", "data", "losses", "metrics", "sources",
+               "schedules", "callbacks", "recipes")
 
-__all__ = sorted([*_EXPORTS, "data", "losses", "metrics", "optim", "zoo"])
+__all__ = sorted([*_EXPORTS, "callbacks", "data", "losses", "metrics", "optim", "recipes", "schedules", "zoo"])
 
 
 def __getattr__(name: str) -> Any:
@@ -49,7 +52,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import data, losses, metrics, optim, zoo  # noqa: F401
+    from . import callbacks, data, losses, metrics, optim, recipes, schedules, zoo  # noqa: F401
+    from .groups import Discriminative, LayerDecay, LayerGroups  # noqa: F401
+    from .recipes import UnfreezeSchedule  # noqa: F401
     from .check import Snapshot, assert_frozen, changed_tensors, snapshot  # noqa: F401
     from .cut import LayerCut  # noqa: F401
     from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError,  # noqa: F401

@@ -74,13 +74,19 @@ class Backend(abc.ABC):
 
 class Trainer(abc.ABC):
     """One prepared (compiled, where the framework compiles) training step for a fixed trainable set
-    and optimizer spec. The core keeps trainers per model and reuses them across fits (:meth:`reset`)."""
+    and optimizer spec. The core keeps trainers per model, starts each run with :meth:`reset` and
+    continues one with :meth:`resume` (and :meth:`import_state` when the trainable set changed).
+
+    Learning rates: the core computes the base rate of every step from the optimizer's schedule and
+    passes it (``lr``); the trainer applies ``lr * multiplier`` and its weight decay to each parameter
+    as ``spec.rates()`` says (PyTorch's per-group ``lr`` / ``weight_decay``: AdamW's decoupled decay
+    scales with the parameter's rate)."""
 
     #: how many times the step was compiled (traced) since the last reset; 0 where nothing compiles
     compilations: int = 0
 
     @abc.abstractmethod
-    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None) -> Any:
+    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> Any:
         """Train on one batch and return the outputs (logits) of its training forward pass, from which
         the core computes the loss and metrics.
 
@@ -91,28 +97,53 @@ class Trainer(abc.ABC):
         ``reduction="none"`` gives it (class weights, label smoothing and ``pos_weight`` included; the
         mean over outputs for binary cross entropy, MSE and Huber), ``d_i`` the class weight of sample
         ``i``'s label (cross entropy with integer labels and class weights) or 1
-        (``tlcore.losses`` holds the numpy reference)."""
+        (``tlcore.losses`` holds the numpy reference). ``lr``: this step's base learning rate (None:
+        the optimizer's ``lr`` when it is a number)."""
 
     def epoch(self, x: Any, y: np.ndarray, w: np.ndarray | None, batches: list,
-              on_step: Callable[[int], Any] = lambda n: None) -> list[Any]:
-        """Train on the rows ``b`` of ``x``, ``y`` and ``w`` for each ``b`` of ``batches`` in turn,
-        calling ``on_step(steps done)``; return each step's outputs. A trainer may run the whole epoch
-        in one compiled call instead."""
+              on_step: Callable[[int], Any] = lambda n: None, lrs: list[float] | None = None) -> list[Any]:
+        """Train on the rows ``b`` of ``x``, ``y`` and ``w`` for each ``b`` of ``batches`` in turn, at
+        the base rates ``lrs``, calling ``on_step(steps done)``; return each step's outputs. A trainer
+        may run the whole epoch in one compiled call instead."""
         from .data import take
 
         outs = []
-        for b in batches:
-            outs.append(self.step(take(x, b), y[b], None if w is None else w[b]))
+        for i, b in enumerate(batches):
+            outs.append(self.step(take(x, b), y[b], None if w is None else w[b], None if lrs is None else lrs[i]))
             on_step(1)
         return outs
 
     @abc.abstractmethod
     def reset(self, seed: int) -> None:
-        """Start a new ``fit`` from the model's current weights: fresh optimizer state, random layers
-        reseeded from ``seed``, ``compilations`` back to 0."""
+        """Start a new run from the model's current weights: zero optimizer state (every counter at
+        0), random layers reseeded from ``seed``, ``compilations`` back to 0."""
+
+    @abc.abstractmethod
+    def resume(self) -> None:
+        """Continue a run: read the model's current weights (they may have been loaded since), keep
+        the optimizer state and counters, and the random layers' state as the last :meth:`finish` left
+        it (a framework-global generator is restored from the model); ``compilations`` back to 0."""
 
     def finish(self) -> None:
-        """Called after the last step of a ``fit`` (e.g. to write state back); may be called twice."""
+        """Called after steps (the end of an epoch or fit): write what the trainer holds back to the
+        model (weights, random state); may be called twice."""
+
+    @abc.abstractmethod
+    def export_state(self) -> dict:
+        """The optimizer state of the parameters this trainer trains, framework-neutral:
+        ``{"slots": {tensor name: {slot: array}}, "steps": {tensor name: updates it got}}`` with
+        PyTorch's slot names (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``; ``square_avg``,
+        ``grad_avg``) in the tensors' ``state()`` layouts, float32."""
+
+    @abc.abstractmethod
+    def import_state(self, state: dict) -> None:
+        """Set the optimizer state of the parameters it trains from ``state`` (as :meth:`export_state`
+        gives it); a parameter absent from it starts at zero, with no steps (just unfrozen)."""
+
+    def applied_lr(self) -> dict[str, float]:
+        """``{tensor name: learning rate}`` as the framework's optimizer holds it after the last step
+        (to check that schedules and multipliers are what they should be)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def optimizer_state_bytes(self) -> int:
@@ -198,8 +229,8 @@ class ModelPrimitives(abc.ABC):
     # ---- training
     @abc.abstractmethod
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
-        """A new training step for the current policy and ``spec``, ready for a fit seeded by
-        ``spec.seed`` (the core reuses it for later fits with the same spec and policy)."""
+        """A new training step for the current policy and ``spec``, not started: the core calls its
+        ``reset(seed)`` or ``resume()`` next (and reuses it for later fits with the same spec and policy)."""
 
     # ---- structure changes
     @abc.abstractmethod

@@ -24,11 +24,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import data, losses, sources, training
+from . import data, groups, losses, sources, training
 from .backend import ModelPrimitives, Trainer
+from .callbacks import Callback, check_callbacks
 from .cut import in_layer
 from .errors import CheckpointError, OptimizerConfigError, TlcoreError, unknown_name_message
 from .freeze import FreezePolicy, Resolved, TensorInfo
+from .recipes import UnfreezeSchedule
 from .head import Head, HeadPlan, initial_values, plan_head
 from .metrics import Accumulator, check_metric_names
 from .optim import PRECISIONS, Adam, OptimizerSpec, TrainSpec
@@ -70,6 +72,34 @@ class History:
     def append(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.history.setdefault(k, []).append(float(v))
+
+    def plot(self, keys: Sequence[str] | None = None):
+        """A matplotlib figure of the metrics per epoch: one panel per metric (``val_`` drawn with it),
+        ``lr`` in its own panel. Returns the figure (``fig.savefig(...)``).
+
+        Example:
+            >>> fig = History({"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "lr": [0.1, 0.05]}).plot()
+            >>> [ax.get_title() for ax in fig.axes]
+            ['loss', 'lr']
+        """
+        import matplotlib
+
+        if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [k for k in (keys or self.history) if not k.startswith("val_")]
+        fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            epochs = range(1, len(self.history[name]) + 1)
+            ax.plot(epochs, self.history[name], marker="o", label=name)
+            if f"val_{name}" in self.history:
+                ax.plot(epochs, self.history[f"val_{name}"], marker="o", label=f"val_{name}")
+                ax.legend()
+            ax.set(title=name, xlabel="epoch")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return fig
 
 
 @dataclass
@@ -113,6 +143,46 @@ class Run:
     check: Callable
 
 
+class RunState:
+    """What carries over from one ``fit`` to the next: the step, the shuffling RNG, the last trainer
+    (whose optimizer state a new trainer imports), and what must match to continue (``key``)."""
+
+    def __init__(self, key: TrainSpec, rng: np.random.Generator):
+        self.key, self.rng = key, rng
+        self.step, self.seed, self.started = 0, key.seed, False
+        self.live: tuple[Trainer, Model] | None = None
+        self.kept: tuple[dict, bool] | None = None
+
+    def keep_state(self) -> None:
+        """Export the live trainer's optimizer state before it is replaced (a new policy, or a stage
+        trained on cached features after one that was not)."""
+        if self.live is not None:
+            trainer, owner = self.live
+            self.kept = (trainer.export_state(), owner._is_head_view)
+            self.live = None
+
+    def carried_state(self, head: str | None) -> dict:
+        """The last trainer's optimizer state, in this model's tensor names."""
+        self.keep_state()
+        if self.kept is None:
+            return {"slots": {}, "steps": {}}
+        state, from_head = self.kept
+        return self.rename(state, head, to_head=False) if from_head else state
+
+    @staticmethod
+    def rename(state: dict, head: str | None, to_head: bool) -> dict:
+        """``state``'s tensor names moved into (``to_head``) or out of the head's namespace."""
+        if head is None:
+            return state
+        prefix = f"{head}."
+        if to_head:
+            move = {n: n[len(prefix):] for n in state["slots"] if n.startswith(prefix)}
+        else:
+            move = {n: prefix + n for n in state["slots"]}
+        return {"slots": {move[n]: v for n, v in state["slots"].items() if n in move},
+                "steps": {move[n]: v for n, v in state["steps"].items() if n in move}}
+
+
 @dataclass(frozen=True)
 class PendingHead:
     """A head asked for by ``tl.finetune`` whose input width is not known yet."""
@@ -139,6 +209,8 @@ class Model(ModelPrimitives):
         self._resolved: Resolved | None = None
         self._trainers: OrderedDict[tuple, Trainer] = OrderedDict()
         self._head_view: Model | None = None
+        self._run: RunState | None = None
+        self._is_head_view = False
         self.freeze(policy or FreezePolicy.none())
 
     # ------------------------------------------------------------------ structure and state
@@ -403,18 +475,28 @@ class Model(ModelPrimitives):
             loss: str | losses.LossSpec = "cross_entropy", metrics: Sequence[str] | None = None,
             validation_data: Any = None, shuffle: bool = True, seed: int = 0, clip_grad_norm: float | None = None,
             progress: bool | str = True, cache_features: bool | str = "auto", precision: str = "float32",
-            sample_weight: Any = None, class_weight: Any = None, steps_per_epoch: int | None = None) -> History:
+            sample_weight: Any = None, class_weight: Any = None, steps_per_epoch: int | None = None,
+            freeze: FreezePolicy | UnfreezeSchedule | None = None, callbacks: Sequence[Callback] = (),
+            reset: bool = False) -> History:
         """Train the trainable tensors; frozen ones stay bit-identical.
+
+        A ``fit`` continues where the last one stopped (as Keras' ``fit`` does): the optimizer state,
+        the optimizer step (so schedules go on) and the shuffling and dropout RNGs carry over, so two
+        ``fit(epochs=1)`` equal one ``fit(epochs=2)``. A different optimizer spec, loss, clipping or
+        precision starts afresh, as ``reset=True`` does; ``seed`` seeds a run that starts afresh. A
+        tensor unfrozen since the last fit starts with zero optimizer state.
 
         Args:
             x, y: arrays (numpy, tensors, memmaps; dicts or tuples of them) with targets, or a source of
                 ``(x, y)`` / ``(x, y, sample_weight)`` batches: a torch ``DataLoader`` or ``Dataset``, a
                 ``tf.data.Dataset``, a generator (function); see ``tlcore.sources``.
-            optimizer: a ``tl.optim`` spec (default ``Adam(lr=1e-3)``).
+            optimizer: a ``tl.optim`` spec (default ``Adam(lr=1e-3)``); its ``lr`` may be a
+                ``tl.schedules`` schedule, ``lr_mult`` layer-wise rates, ``no_decay`` exempt parameters.
             loss: a ``tl.losses`` spec or name: ``"cross_entropy"`` (integer labels or class
                 probabilities), ``"binary_cross_entropy"``, ``"mse"``, ``"huber"``.
             metrics: names computed in numpy every epoch (``tl.metrics``; default ``accuracy`` for
-                classification); ``History`` keeps each per epoch, ``val_`` ones for ``validation_data``.
+                classification); ``History`` keeps each per epoch, ``val_`` ones for ``validation_data``,
+                and ``lr``, the rate of the epoch's last step.
             validation_data: ``(x, y)``, ``(x, y, sample_weight)`` or a source of batches.
             clip_grad_norm: clip the global L2 norm of the gradients to this value.
             progress: ``True`` (a bar on a terminal, a line per epoch otherwise), ``"bar"``, ``"epoch"``
@@ -422,13 +504,18 @@ class Model(ModelPrimitives):
             cache_features: ``"auto"`` computes the frozen part's features once and trains only the
                 head when that gives the same result (everything before the head frozen, no active
                 dropout there, a deterministic source: arrays, or ``tl.data.Deterministic(loader)``);
-                ``True`` insists (error if not possible); ``False`` never caches.
+                ``True`` insists (error if not possible); ``False`` never caches. With an
+                ``UnfreezeSchedule``, decided stage by stage.
             precision: ``"float32"``, or mixed precision ``"bfloat16"`` / ``"float16"`` with each
                 framework's own mechanism (torch autocast, a Keras dtype policy, the JAX computation's
                 dtype); weights stay float32 (frozen ones bit-identical, as always).
             sample_weight: one weight >= 0 per sample (arrays); the loss is ``sum(w * l) / sum(w)``.
             class_weight: ``{class: weight}`` for ``cross_entropy`` (as PyTorch's ``weight=``).
             steps_per_epoch: batches per epoch of a source (required for an endless one).
+            freeze: a ``tl.FreezePolicy`` applied before training, or a ``tl.UnfreezeSchedule`` of
+                stages inside this fit.
+            callbacks: ``tl.callbacks`` objects (``EarlyStopping``, ``ModelCheckpoint``, your own).
+            reset: start afresh: new optimizer state, step 0, RNGs seeded from ``seed``.
 
         Example:
             >>> hist = ft.fit(x, y, epochs=2, optimizer=tl.optim.SGD(lr=0.1, momentum=0.9))  # doctest: +SKIP
@@ -437,8 +524,8 @@ class Model(ModelPrimitives):
         optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
         if not isinstance(optimizer, OptimizerSpec):
             raise TypeError(f"optimizer must be a tl.optim spec (e.g. tl.optim.Adam(lr=1e-3)), got {optimizer!r}")
-        spec = losses.with_class_weight(losses.as_loss(loss), class_weight)
-        names = self._metric_names(metrics, spec)
+        spec_loss = losses.with_class_weight(losses.as_loss(loss), class_weight)
+        names = self._metric_names(metrics, spec_loss)
         epochs = data.check_positive_int("epochs", epochs)
         batch_size = data.check_positive_int("batch_size", batch_size)
         if steps_per_epoch is not None:
@@ -452,28 +539,34 @@ class Model(ModelPrimitives):
             raise OptimizerConfigError(unknown_name_message("precision", precision, PRECISIONS))
         if cache_features not in ("auto", True, False):
             raise data.DataError(f"cache_features must be 'auto', True or False, got {cache_features!r}")
-        source = self._source(x, y, sample_weight, spec, batch_size=batch_size, shuffle=shuffle,
+        if freeze is not None and not isinstance(freeze, (FreezePolicy, UnfreezeSchedule)):
+            raise TypeError(f"freeze takes a tl.FreezePolicy or a tl.UnfreezeSchedule, got {type(freeze).__name__}")
+        source = self._source(x, y, sample_weight, spec_loss, batch_size=batch_size, shuffle=shuffle,
                               steps_per_epoch=steps_per_epoch)
         if getattr(source, "once", False) and epochs > 1 and steps_per_epoch is None:
             raise data.DataError("a generator can be read only once, but fit asks for several epochs: pass a "
                                  "generator function (called once per epoch), or steps_per_epoch=... to read it on")
-        val = self._validation_source(validation_data, spec)
+        val = self._validation_source(validation_data, spec_loss)
         self._ensure_head(source.x if isinstance(source, sources.Arrays) else source.first().x)
+        stages = freeze.stages if isinstance(freeze, UnfreezeSchedule) else ((0, freeze or self.policy),)
+        for _, policy in stages:  # every stage's policy resolves on this model, before anything trains
+            policy.resolve(self._base_tensors(), self.layers, head=self._head)
+        plan = None
+        if optimizer.lr_mult is not None or optimizer.no_decay is not None:
+            plan = groups.plan_params(optimizer, self)
+        keys = ["loss", *names, "lr"] + ([f"val_{k}" for k in ("loss", *names)] if val is not None else [])
+        callbacks = check_callbacks(callbacks, keys)
         self._verify_native()
-        self._loss = spec
-        run = Run(TrainSpec(optimizer, spec, None if clip_grad_norm is None else float(clip_grad_norm), seed,
-                            precision), names, epochs, mode, lambda b, i: self._check_batch(b, i, spec))
-
-        refusal = self._cache_refusal(source) if cache_features else ""
-        if cache_features is True and refusal:
-            raise FeatureCacheRefused(f"cannot cache features: {refusal}")
-        if cache_features and not refusal:
-            log.info("fit: caching frozen features (everything before %r is frozen and deterministic)", self._head)
-            return self._fit_cached(source, val, run)
-        log.info("fit: not caching features (%s)", "cache_features=False" if not cache_features else refusal)
-        hist = self._fit_loop(source, val, run)
-        hist.info["cache_features"] = "off" if not cache_features else f"refused: {refusal}"
-        return hist
+        self._loss = spec_loss
+        spec = TrainSpec(optimizer, spec_loss, None if clip_grad_norm is None else float(clip_grad_norm), seed,
+                         precision, plan)
+        run = Run(spec, names, epochs, mode, lambda b, i: self._check_batch(b, i, spec_loss))
+        if cache_features is True:
+            for _, policy in stages[:1]:
+                refusal = self._cache_refusal(source, policy)
+                if refusal:
+                    raise FeatureCacheRefused(f"cannot cache features: {refusal}")
+        return self._train(source, val, run, stages, callbacks, cache_features, reset)
 
     def _validation_source(self, validation_data: Any, spec: losses.LossSpec) -> sources.Source | None:
         if validation_data is None:
@@ -486,56 +579,118 @@ class Model(ModelPrimitives):
         w = validation_data[2] if len(validation_data) == 3 else None
         return self._source(validation_data[0], validation_data[1], w, spec, batch_size=256, name="validation x")
 
-    def _trainer(self, spec: TrainSpec) -> Trainer:
-        """The trainer for ``spec`` and the current policy: reused (and reset) when a fit with the same
-        spec ran before, else made by the backend; the :data:`MAX_TRAINERS` most recent are kept."""
+    def _start_run(self, spec: TrainSpec, reset: bool) -> RunState:
+        """The state a fit starts from: the last fit's when it can continue, else a fresh one."""
         key = replace(spec, seed=0)
-        trainer = self._trainers.pop(key, None)
-        if trainer is None:
-            trainer = self._make_trainer(spec)
+        last = self._run
+        if reset or last is None or last.key != key:
+            return RunState(key, np.random.default_rng(spec.seed))
+        return last
+
+    def _trainer_for(self, owner: Model, run: RunState) -> Trainer:
+        """The trainer of ``owner`` (this model or its head view) for ``run``: reused from ``owner``'s
+        cache, or made, then started afresh (``reset``) or continued (``resume``, optimizer state carried
+        over from the run's last trainer, re-keyed between this model's and its head's tensor names)."""
+        key = replace(run.key, seed=0)
+        trainer = owner._trainers.pop(key, None)
+        made = trainer is None
+        if made:
+            trainer = owner._make_trainer(replace(run.key, seed=run.seed))
+        owner._trainers[key] = trainer
+        while len(owner._trainers) > MAX_TRAINERS:
+            owner._trainers.popitem(last=False)
+        if not run.started:
+            trainer.reset(run.seed)
+            run.started = True
+        elif run.live is not None and run.live[0] is trainer:
+            trainer.resume()
         else:
-            trainer.reset(spec.seed)
-        self._trainers[key] = trainer
-        while len(self._trainers) > MAX_TRAINERS:
-            self._trainers.popitem(last=False)
+            carried = run.carried_state(self._head)
+            trainer.resume()
+            trainer.import_state(run.rename(carried, self._head, to_head=owner is not self))
+        run.live = (trainer, owner)
         return trainer
 
-    def _fit_loop(self, source: sources.Source, val: sources.Source | None, run: Run) -> History:
+    def _train(self, source: sources.Source, val: sources.Source | None, run: Run, stages: tuple,
+               callbacks: list[Callback], cache_features: bool | str, reset: bool) -> History:
         t0 = time.perf_counter()
-        trainer = self._trainer(run.spec)
-        rng = np.random.default_rng(run.spec.seed)
-        hist = History()
+        state = self._start_run(run.spec, reset)
+        state.seed = run.spec.seed
+        hist, lr_steps = History(), []
         per_epoch = source.steps
         progress = training.Progress(run.progress, None if per_epoch is None else run.epochs * per_epoch,
                                      f"fit [{self.backend}]")
-        steps = 0
+        schedule = run.spec.optimizer.schedule
+        feats = head_val = None
+        trainer, stage, steps, info_cache = None, None, 0, []
+        for cb in callbacks:
+            cb.on_train_begin(self)
         try:
             for epoch in range(run.epochs):
                 e0 = time.perf_counter()
+                index = max(i for i, (start, _) in enumerate(stages) if start <= epoch)
+                if index != stage:
+                    stage = index
+                    policy = stages[index][1]
+                    if trainer is not None:
+                        trainer.finish()
+                        state.keep_state()
+                    if policy != self.policy:
+                        self.freeze(policy)
+                    refusal = self._cache_refusal(source) if cache_features else "cache_features=False"
+                    cached = not refusal
+                    info_cache.append("used" if cached else ("off" if not cache_features else f"refused: {refusal}"))
+                    if cached and feats is None:
+                        feats = training.cache_features(self._features, source, np.random.default_rng(0), run.check,
+                                                        FEATURE_BATCH)
+                        head_val = None if val is None else training.cache_features(
+                            self._features, val, np.random.default_rng(0), run.check, 256)
+                    owner = self.head_model() if cached else self
+                    trainer = self._trainer_for(owner, state)
+                epoch_source = feats if owner is not self else source
+                epoch_val = head_val if owner is not self else val
+                check = (lambda b, i: b) if owner is not self else run.check
+                lrs = training.LearningRates(schedule, state.step)
                 acc = Accumulator(run.metrics, run.spec.loss)
-                steps += training.run_epoch(trainer, source, rng, acc, run.check, progress)
-                metrics = acc.result()
-                if val is not None:
+                done = training.run_epoch(trainer, epoch_source, state.rng, acc, check, progress, lrs)
+                steps += done
+                state.step += done
+                lr_steps += lrs.applied
+                logs = acc.result()
+                if epoch_val is not None:
                     trainer.finish()
-                    forward = lambda xb: np.asarray(self._forward(xb))  # noqa: E731
-                    metrics.update({f"val_{k}": v for k, v in training.evaluate_source(
-                        forward, val, run.metrics, run.spec.loss, run.check).items()})
-                hist.append(metrics)
-                progress.epoch(epoch, run.epochs, metrics, time.perf_counter() - e0)
+                    forward = (lambda xb: np.asarray(owner._forward(xb)))
+                    logs.update({f"val_{k}": v for k, v in training.evaluate_source(
+                        forward, epoch_val, run.metrics, run.spec.loss, check).items()})
+                logs["lr"] = lrs.applied[-1] if lrs.applied else float(schedule.lr_at(state.step))
+                hist.append(logs)
+                progress.epoch(epoch, run.epochs, logs, time.perf_counter() - e0)
+                trainer.finish()
+                if any([bool(cb.on_epoch_end(epoch, dict(logs), self)) for cb in callbacks]):
+                    hist.info["stopped_epoch"] = epoch
+                    break
         finally:
-            trainer.finish()
+            if trainer is not None:
+                trainer.finish()
             progress.close()
-        hist.info.update(compilations=trainer.compilations, steps=steps,
-                         optimizer_state_bytes=trainer.optimizer_state_bytes(),
-                         seconds=time.perf_counter() - t0)
+            for cache in (feats, head_val):
+                if isinstance(cache, training.FeatureCache):
+                    cache.close()
+            self._run = state
+        for cb in callbacks:
+            cb.on_train_end(self)
+        hist.info.update(compilations=trainer.compilations, steps=steps, lr_steps=lr_steps,
+                         optimizer_state_bytes=trainer.optimizer_state_bytes(), seconds=time.perf_counter() - t0,
+                         cache_features=info_cache[0] if len(set(info_cache)) == 1 else info_cache)
         return hist
 
-    def _cache_refusal(self, source: sources.Source | None = None) -> str:
-        """Why feature caching is not possible now ('' when it is)."""
+    def _cache_refusal(self, source: sources.Source | None = None, policy: FreezePolicy | None = None) -> str:
+        """Why feature caching is not possible now, or under ``policy`` ('' when it is)."""
         if self._head is None:
             return "the model has no head attached by tl.finetune"
+        resolved = self._resolved if policy is None else policy.resolve(self._base_tensors(), self.layers, head=self._head)
         base = [t for t in self.tensors if not in_layer(t.layer, self._head) and t.kind != "rng"]
-        moving = [t.name for t in base if self._resolved.mask[t.name]]
+        moving = [t.name for t in base if resolved.mask[t.name]]
         if moving:
             return f"{len(moving)} tensor(s) before the head are trainable (e.g. {moving[0]!r})"
         random = [n for n in self._stochastic_layers() if not in_layer(n, self._head)]
@@ -546,6 +701,18 @@ class Model(ModelPrimitives):
                     "declare tl.data.Deterministic(source) if it does not")
         return ""
 
+    def describe_groups(self, optimizer: OptimizerSpec) -> str:
+        """A table of ``optimizer``'s parameter groups on this model: layers, tensors, lr multiplier and
+        weight decay (the same on every backend for the same model).
+
+        Example:
+            >>> print(ft.describe_groups(tl.optim.AdamW(lr=1e-3, lr_mult=tl.LayerDecay(0.75, groups))))  # doctest: +SKIP
+        """
+        self._require_head("describe_groups()")
+        plan = groups.plan_params(optimizer, self)
+        layers_of = {t.name: t.layer for t in self._base_tensors()}
+        return groups.describe(plan, self._resolved.mask, layers_of)
+
     def head_model(self) -> Model:
         """The head alone, sharing its weights with this model; it takes :meth:`features`' output."""
         self._require_head("head_model()")
@@ -553,6 +720,7 @@ class Model(ModelPrimitives):
             raise TlcoreError("this model has no head attached by tl.finetune")
         if self._head_view is None:
             self._head_view = self._head_model()
+            self._head_view._is_head_view = True
         return self._head_view
 
     def features(self, x, batch_size: int = FEATURE_BATCH) -> np.ndarray:
@@ -561,21 +729,6 @@ class Model(ModelPrimitives):
         x = self._inputs(x)
         self._ensure_head(x)
         return self._batched_features(x, data.check_positive_int("batch_size", batch_size))
-
-    def _fit_cached(self, source: sources.Source, val: sources.Source | None, run: Run) -> History:
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(run.spec.seed)
-        feats = training.cache_features(self._features, source, rng, run.check, FEATURE_BATCH)
-        head_val = None if val is None else training.cache_features(self._features, val, rng, run.check, 256)
-        head = self.head_model()
-        try:
-            hist = head._fit_loop(feats, head_val, replace(run, check=lambda b, i: b))
-        finally:
-            for cache in (feats, head_val):
-                if isinstance(cache, training.FeatureCache):
-                    cache.close()
-        hist.info.update(cache_features="used", seconds=time.perf_counter() - t0)
-        return hist
 
     def _batched_features(self, x: data.Inputs, batch_size: int = FEATURE_BATCH) -> np.ndarray:
         """The head's input for ``x``, computed ``batch_size`` samples at a time (a backend may prepare

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from .errors import OptimizerConfigError, unknown_name_message
+from .groups import Discriminative, LayerDecay, LayerGroups, ParamPlan, check_no_decay
 from .losses import CrossEntropy, LossSpec
+from .schedules import Schedule, as_schedule, schedule_from_dict
 
 #: the compute precisions of a training step; weights (the master copy) stay float32
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -55,19 +57,46 @@ class OptimizerSpec:
     """Base of the optimizer specs; ``kind`` names the update rule."""
 
     kind: ClassVar[str] = ""
-    lr: float = 1e-3
+    #: a number, or a ``tl.schedules`` schedule (closed form on the optimizer step)
+    lr: float | Schedule = 1e-3
     weight_decay: float = 0.0
+    #: layer-wise multipliers of the learning rate: ``tl.LayerDecay`` or ``tl.Discriminative``
+    lr_mult: LayerDecay | Discriminative | None = None
+    #: parameters without weight decay: ``"1d"`` (biases and norm parameters), a regex, or None
+    no_decay: str | None = None
 
     def __post_init__(self) -> None:
-        _positive(type(self).__name__, "lr", self.lr)
+        if not isinstance(self.lr, Schedule):
+            _positive(type(self).__name__, "lr", self.lr)
         _non_negative(type(self).__name__, "weight_decay", self.weight_decay)
+        if self.lr_mult is not None and not isinstance(self.lr_mult, (LayerDecay, Discriminative)):
+            raise OptimizerConfigError(f"{type(self).__name__}: lr_mult takes tl.LayerDecay(...) or "
+                                       f"tl.Discriminative(...), got {type(self.lr_mult).__name__}")
+        check_no_decay(self.no_decay)
         for f in fields(self):  # numpy scalars become plain floats (hashable, JSON-able, the same everywhere)
             value = getattr(self, f.name)
             if _real(value) and not isinstance(value, int):
                 object.__setattr__(self, f.name, float(value))
 
+    @property
+    def schedule(self) -> Schedule:
+        """The learning rate as a schedule (a number is :class:`~tlcore.schedules.Constant`)."""
+        return as_schedule(self.lr)
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
+        out = {"kind": self.kind}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Schedule):
+                value = value.to_dict()
+            elif isinstance(value, (LayerDecay, Discriminative)):
+                value = {"kind": type(value).__name__, **{k: v for k, v in vars(value).items() if k != "groups"},
+                         "groups": {"patterns": list(value.groups.patterns), "names": [list(g) for g in value.groups.names],
+                                    "labels": list(value.groups.labels)}}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
 
 
 @dataclass(frozen=True)
@@ -140,6 +169,15 @@ def optimizer_from_dict(d: dict) -> OptimizerSpec:
         raise OptimizerConfigError(unknown_name_message("optimizer", kind, list(OPTIMIZERS)))
     if "betas" in d:
         d["betas"] = tuple(d["betas"])
+    if isinstance(d.get("lr"), dict):
+        d["lr"] = schedule_from_dict(d["lr"])
+    if isinstance(d.get("lr_mult"), dict):
+        m = dict(d["lr_mult"])
+        cls = {"LayerDecay": LayerDecay, "Discriminative": Discriminative}[m.pop("kind")]
+        g = m.pop("groups")
+        groups = LayerGroups(patterns=tuple(g["patterns"]), names=tuple(tuple(n) for n in g["names"]),
+                             labels=tuple(g["labels"]))
+        d["lr_mult"] = cls(groups=groups, **m)
     return OPTIMIZERS[kind](**d)
 
 
@@ -155,4 +193,12 @@ class TrainSpec:
     #: compute dtype of the forward and backward pass (mixed precision); weights and optimizer state
     #: stay float32, and the loss is computed in float32
     precision: str = "float32"
+    #: every parameter's lr multiplier and weight decay (``tlcore.groups.plan_params``); None: all
+    #: parameters at the optimizer's rate and decay
+    params: ParamPlan | None = None
     extras: tuple = field(default=())
+
+    def rates(self) -> dict[str, tuple[float, float]]:
+        """``{parameter: (lr multiplier, weight decay)}``; empty when every parameter has (1, the
+        optimizer's weight decay)."""
+        return {} if self.params is None else self.params.lookup()

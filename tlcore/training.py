@@ -82,18 +82,34 @@ def checked_batches(source: Source, rng: np.random.Generator, check) -> Iterator
         yield check(batch, i)
 
 
+class LearningRates:
+    """The base learning rate of each step of an epoch, from a schedule and the optimizer step the
+    epoch starts at; ``applied`` records those handed to the trainer."""
+
+    def __init__(self, schedule: Any, start: int):
+        self.schedule, self.start, self.applied = schedule, start, []
+
+    def take(self, n: int) -> list[float]:
+        """The rates of the next ``n`` steps."""
+        first = self.start + len(self.applied)
+        rates = np.atleast_1d(self.schedule.lr_at(np.arange(first, first + n))).tolist()
+        self.applied += rates
+        return rates
+
+
 def run_epoch(trainer: Any, source: Source, rng: np.random.Generator, acc: Accumulator, check,
-              progress: Progress) -> int:
-    """Train one epoch; add every batch's outputs to ``acc``; return the number of steps."""
+              progress: Progress, lrs: LearningRates) -> int:
+    """Train one epoch at the schedule's rates; add every batch's outputs to ``acc``; return the
+    number of steps."""
     if type(source) is Arrays and source.converted:  # arrays in memory: the backend may run the epoch at once
         index = source.index_batches(rng)
-        outs = trainer.epoch(source.x, source.y, source.w, index, progress.step)
+        outs = trainer.epoch(source.x, source.y, source.w, index, progress.step, lrs.take(len(index)))
         for b, logits in zip(index, outs):
             acc.update(np.asarray(logits), source.y[b], None if source.w is None else source.w[b])
         return len(index)
     steps = 0
     for batch in checked_batches(source, rng, check):
-        logits = trainer.step(batch.x, batch.y, batch.w)
+        logits = trainer.step(batch.x, batch.y, batch.w, lrs.take(1)[0])
         acc.update(np.asarray(logits), batch.y, batch.w)
         progress.step()
         steps += 1

@@ -63,6 +63,7 @@ class TorchModel(Model):
         self.nhwc = nhwc
         self._static_width = static_width
         self._names: dict[str, Any] | None = None
+        self._rng: dict = {}  # the torch generators' state between fits (see TorchTrainer.resume)
         if layers is None:
             shape = kwargs.get("input_shape") or infer_input_shape(module)
             layers = call_order(module, layer_names(module), example_input(module, shape))
@@ -236,7 +237,9 @@ class TorchModel(Model):
     def _make_trainer(self, spec: TrainSpec) -> TorchTrainer:
         modules = self._naming()["modules"]
         frozen_bn = [modules[u] for u in self._resolved.frozen_bn_units]
-        return TorchTrainer(self._module, frozen_bn, spec, self._to_module, self.device)
+        mask = self._resolved.mask
+        params = {n: p for n, p in self._params().items() if mask[n]}
+        return TorchTrainer(self._module, frozen_bn, spec, self._to_module, self.device, params, self._rng)
 
     # ---------------------------------------------------------------- structure
     def _cut(self, last: str | None, layers: list[str]) -> TorchModel:

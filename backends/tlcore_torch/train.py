@@ -8,26 +8,38 @@ import numpy as np
 
 from tlcore.backend import Trainer
 from tlcore.losses import LossSpec
-from tlcore.optim import OptimizerSpec, TrainSpec
+from tlcore.optim import TrainSpec
+from tlcore.schedules import Schedule
 
 from ._torch import F, nn, torch
 from .cut import primary_output
 from .freeze import train_mode
 
 
-def build_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """``torch.optim`` for ``spec``; only the given (trainable) parameters get state and decay."""
-    common = dict(lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
-    if spec.kind == "sgd":
-        return torch.optim.SGD(params, momentum=spec.momentum, nesterov=spec.nesterov, **common)
-    if spec.kind == "adam":
-        return torch.optim.Adam(params, betas=spec.betas, eps=spec.eps, **common)
-    if spec.kind == "adamw":
-        return torch.optim.AdamW(params, betas=spec.betas, eps=spec.eps, **common)
-    if spec.kind == "rmsprop":
-        return torch.optim.RMSprop(params, alpha=spec.alpha, eps=spec.eps, momentum=spec.momentum,
-                                   centered=spec.centered, **common)
-    raise ValueError(f"unknown optimizer kind {spec.kind!r}")
+def build_optimizer(spec: TrainSpec, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer:
+    """``torch.optim`` for ``spec`` over the given (trainable) parameters only (so only they get state
+    and decay), one param group per (lr multiplier, weight decay); each group keeps its ``mult``."""
+    opt, rates = spec.optimizer, spec.rates()
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in params.items():
+        groups.setdefault(rates.get(name, (1.0, opt.weight_decay)), []).append(p)
+    base = float(opt.schedule.lr_at(0))
+    param_groups = [{"params": ps, "lr": base * m, "weight_decay": wd, "mult": m} for (m, wd), ps in groups.items()]
+    common = dict(lr=base, foreach=True)
+    if opt.kind == "sgd":
+        return torch.optim.SGD(param_groups, momentum=opt.momentum, nesterov=opt.nesterov, **common)
+    if opt.kind == "adam":
+        return torch.optim.Adam(param_groups, betas=opt.betas, eps=opt.eps, **common)
+    if opt.kind == "adamw":
+        return torch.optim.AdamW(param_groups, betas=opt.betas, eps=opt.eps, **common)
+    if opt.kind == "rmsprop":
+        return torch.optim.RMSprop(param_groups, alpha=opt.alpha, eps=opt.eps, momentum=opt.momentum,
+                                   centered=opt.centered, **common)
+    raise ValueError(f"unknown optimizer kind {opt.kind!r}")
+
+
+#: the state torch keeps per parameter, besides its step count
+SLOTS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "square_avg", "grad_avg")
 
 
 def weighted_loss(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
@@ -61,23 +73,29 @@ def weighted_loss(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, sp
 class TorchTrainer(Trainer):
     """Eager training step; frozen BatchNorm in eval mode, frozen parameters never in the optimizer.
 
-    The core reuses a trainer for later fits with the same spec and policy: :meth:`reset` reseeds and
-    gives the optimizer fresh state, so each ``fit`` starts like a new one without rebuilding anything.
+    Args:
+        module: the model's ``nn.Module``.
+        frozen_bn: BatchNorm layers that run in inference mode while training.
+        params: ``{tensor name: parameter}`` of the trainable parameters.
+        rng: where the torch generators' state is kept between fits (the model's), so that a run that
+            continues draws the dropout masks it would have drawn.
     """
 
     def __init__(self, module: nn.Module, frozen_bn: list[nn.Module], spec: TrainSpec,
-                 to_module: Callable[[Any], tuple[tuple, dict]], device: torch.device):
+                 to_module: Callable[[Any], tuple[tuple, dict]], device: torch.device,
+                 params: dict[str, nn.Parameter], rng: dict):
         self.module, self.spec, self.to_module, self.device = module, spec, to_module, device
-        self.frozen_bn = frozen_bn
-        self.params = list({id(p): p for p in module.parameters() if p.requires_grad}.values())
-        self.optimizer = build_optimizer(spec.optimizer, self.params) if self.params else None
+        self.frozen_bn, self.named, self.rng = frozen_bn, dict(params), rng
+        self.params = list(self.named.values())
+        self.optimizer = build_optimizer(spec, self.named) if self.params else None
         #: mixed precision: autocast's compute dtype, and a loss scaler for float16's narrow range
         self.autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(spec.precision)
         self.scaler = None
-        self.reset(spec.seed)
+        self.steps = dict.fromkeys(self.named, 0)
+        self.constant_lr = None if isinstance(spec.optimizer.lr, Schedule) else float(spec.optimizer.lr)
 
     def reset(self, seed: int) -> None:
-        """Prepare a new fit: seed dropout, clear optimizer state, set the training modes."""
+        """A new run: seed dropout, clear the optimizer state, set the training modes."""
         torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed seeds every device
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)  # the model's device only
@@ -85,11 +103,33 @@ class TorchTrainer(Trainer):
             self.optimizer.state.clear()
         if self.autocast is torch.float16 and self.optimizer is not None:
             self.scaler = torch.amp.GradScaler(self.device.type)
+        self.steps = dict.fromkeys(self.named, 0)
+        self.compilations = 0
         train_mode(self.module, self.frozen_bn)
 
-    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    def resume(self) -> None:
+        """Continue: the generators as the last fit left them (parameters are live: nothing to read)."""
+        if "cpu" in self.rng:
+            torch.default_generator.set_state(self.rng["cpu"])
+        if "cuda" in self.rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(self.rng["cuda"], self.device)
+        if self.autocast is torch.float16 and self.optimizer is not None and self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.compilations = 0
+        train_mode(self.module, self.frozen_bn)
+
+    def finish(self) -> None:
+        self.rng["cpu"] = torch.default_generator.get_state()
+        if self.device.type == "cuda":
+            self.rng["cuda"] = torch.cuda.get_rng_state(self.device)
+
+    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> np.ndarray:
         if not self.module.training:  # an inference call (e.g. validation) happened in between
             train_mode(self.module, self.frozen_bn)
+        lr = self.constant_lr if lr is None else lr
+        if lr is not None and self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["mult"]
         args, kwargs = self.to_module(x)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = primary_output(self.module(*args, **kwargs))
@@ -109,7 +149,38 @@ class TorchTrainer(Trainer):
             else:
                 self.scaler.step(self.optimizer)  # skipped when a gradient overflowed
                 self.scaler.update()
+            for name in self.steps:
+                self.steps[name] += 1
         return out.detach().cpu().numpy()
+
+    def export_state(self) -> dict:
+        slots = {}
+        for name, p in self.named.items():
+            state = {} if self.optimizer is None else self.optimizer.state.get(p, {})
+            slots[name] = {k: v.detach().cpu().numpy().copy() for k, v in state.items()
+                           if k in SLOTS and torch.is_tensor(v)}
+        return {"slots": slots, "steps": dict(self.steps)}
+
+    def import_state(self, state: dict) -> None:
+        if self.optimizer is None:
+            return
+        for name, p in self.named.items():
+            self.optimizer.state.pop(p, None)
+            self.steps[name] = 0
+            slots = state["slots"].get(name)
+            if not slots:
+                continue  # just unfrozen: zero state, as a new param group
+            new = {k: torch.from_numpy(np.array(v, copy=True)).to(p.device) for k, v in slots.items()}
+            if self.spec.optimizer.kind in ("adam", "adamw", "rmsprop"):
+                new["step"] = torch.tensor(float(state["steps"].get(name, 0)))
+            self.optimizer.state[p] = new
+            self.steps[name] = int(state["steps"].get(name, 0))
+
+    def applied_lr(self) -> dict[str, float]:
+        if self.optimizer is None:
+            return {}
+        by_param = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        return {name: by_param[id(p)] for name, p in self.named.items()}
 
     def optimizer_state_bytes(self) -> int:
         if self.optimizer is None:

@@ -121,7 +121,7 @@ def check_evaluate_matches_numpy_on_predictions(backend):
     xv, yv = sample_data(ft, n=20, seed=1)
     hist = ft.fit(x, y, epochs=2, batch_size=16, validation_data=(xv, yv), progress=False)
     assert isinstance(hist, tl.History) and hist.epochs == 2
-    assert set(hist.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert set(hist.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
     logits = ft.predict(xv)
     out = ft.evaluate(xv, yv, batch_size=7)
     assert abs(out["loss"] - cross_entropy(logits, yv)) < 1e-5

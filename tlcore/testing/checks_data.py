@@ -129,7 +129,7 @@ def check_metrics_over_batches_equal_numpy_on_predictions(backend):
     xv, yv = sample_data(ft, n=30, seed=1)
     names = ["accuracy", "top_2", "f1_macro", "precision_macro", "recall_macro", "auc"]
     hist = ft.fit(x, y, epochs=2, batch_size=16, metrics=names, validation_data=(xv, yv), progress=False)
-    assert set(hist.history) == {"loss", *names, "val_loss", *(f"val_{n}" for n in names)}
+    assert set(hist.history) == {"loss", *names, "val_loss", *(f"val_{n}" for n in names), "lr"}
     assert all(len(v) == 2 for v in hist.history.values())
     got = ft.evaluate(xv, yv, batch_size=7, metrics=names)
     want = tl.metrics.compute(names, ft.predict(xv), yv, loss_spec="cross_entropy")
