@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             print(streaming.stderr[-3000:], file=sys.stderr)
             return streaming.returncode
         result["rows"] += json.loads(streaming.stdout.strip().splitlines()[-1])["rows"]
+        recipe = subprocess.run(cmd[:6] + ["cnn", *cmd[7:], "--recipe"], capture_output=True, text=True)
+        if recipe.returncode != 0:
+            print(recipe.stderr[-3000:], file=sys.stderr)
+            return recipe.returncode
+        report.setdefault("recipe", []).append(json.loads(recipe.stdout.strip().splitlines()[-1])["recipe"])
         report["backends"][backend] = {"versions": result["versions"], "peak_rss_mb": result["peak_rss_mb"]}
         for row in result["rows"]:
             if row["mode"].startswith("e2e"):  # a user's script: one fine-tune in a new process

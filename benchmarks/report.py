@@ -90,6 +90,23 @@ def markdown(report: dict) -> str:
             total = f"{whole['tlcore']['median_ms']:.0f} / {whole['native']['median_ms']:.0f}" if whole else "-"
             lines.append(f"| {p['backend']} | {p['workload']} | {p['ratio']:.3f} | "
                          f"{ratio(p['tlcore'], memory['tlcore']):.3f} | {total} |")
+    if report.get("recipe"):
+        lines += ["", "Recipe (cosine + layer decay 0.75 + no_decay, AdamW, everything trainable), ms/step: tlcore's "
+                  "recipe, tlcore with one plain AdamW rate, and a hand-written recipe loop (PyTorch only); a "
+                  "3-stage UnfreezeSchedule fit of two new models: seconds and compilations", "",
+                  "| backend | workload | recipe ms | plain ms | recipe / plain | native recipe ms | recipe / native | "
+                  "3 stages, 1st model: s (compilations) | 2nd model: s (compilations) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["recipe"]:
+            rec, plain, native = r["recipe_ms"], r["plain_ms"], r.get("native_ms")
+            first, second = r["staged"]
+            lines.append(f"| {r['backend']} | {r['workload']} | {rec['median_ms']:.2f} | {plain['median_ms']:.2f} | "
+                         f"{ratio(rec, plain):.3f} | {native['median_ms']:.2f} | {ratio(rec, native):.3f} | "
+                         if native else
+                         f"| {r['backend']} | {r['workload']} | {rec['median_ms']:.2f} | {plain['median_ms']:.2f} | "
+                         f"{ratio(rec, plain):.3f} | - | - | ")
+            lines[-1] += (f"{first['seconds']:.2f} ({first['compilations']}) | "
+                          f"{second['seconds']:.2f} ({second['compilations']}) |")
     e2e = [p for p in pairs(report) if p["mode"].startswith("e2e") and "fresh_process_ms" in p["tlcore"]]
     if e2e:
         frozen = {(p["backend"], p["workload"]): p["native"]["median_ms"] for p in pairs(report) if p["mode"] == "frozen"}

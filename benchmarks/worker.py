@@ -171,6 +171,47 @@ def measure_streaming(backend: str, native_cls, workload: str, repeats: int, ste
     return rows
 
 
+def recipe_optimizer(model: tl.Model, total: int) -> tl.optim.OptimizerSpec:
+    """Cosine with warmup, layer decay 0.75 over the model's blocks, AdamW without decay on 1-d tensors."""
+    return tl.optim.AdamW(lr=tl.schedules.Cosine(peak_lr=LR, total_steps=total, warmup_steps=2), weight_decay=0.05,
+                          lr_mult=tl.LayerDecay(0.75, tl.LayerGroups.auto(model)), no_decay="1d")
+
+
+def measure_recipe(backend: str, workload: str, repeats: int, steps: int, native_recipe=None) -> dict:
+    """A fine-tuning recipe's cost: ms/step of an epoch with everything trainable under cosine +
+    layer decay + no_decay (AdamW), against the same epoch with one plain AdamW rate (the overhead of
+    per-parameter rates and a rate per step) and, where written, a hand-written loop doing the recipe;
+    and a 3-stage UnfreezeSchedule fit on two new models: its seconds and compilations (a process
+    compiles each stage's step once: the second model compiles nothing)."""
+    batch = WORKLOADS[workload].batch
+    x, y = data(build(workload, backend, "full"), batch * steps)
+    total = steps * (repeats + 2)
+    recipe, plain = build(workload, backend, "full"), build(workload, backend, "full")
+    kw = dict(epochs=1, batch_size=batch, shuffle=False, progress=False, cache_features=False)
+    runs = {"recipe": lambda: recipe.fit(x, y, optimizer=recipe_optimizer(recipe, total), **kw),
+            "plain": lambda: plain.fit(x, y, optimizer=tl.optim.AdamW(lr=LR, weight_decay=0.05), **kw)}
+    if native_recipe is not None:
+        theirs = native_recipe(build(workload, backend, "full"), total)
+        runs["native"] = lambda: theirs.train_epoch(x, y, batch)
+    for run in runs.values():
+        run()
+    times = {k: [] for k in runs}
+    for r in range(repeats):
+        for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            times[k].append(timed(runs[k]))
+    out = {"backend": backend, "workload": workload, **{f"{k}_ms": summary(v, steps) for k, v in times.items()}}
+    plan = tl.UnfreezeSchedule([(0, tl.FreezePolicy.all()), (1, tl.FreezePolicy.up_to(-6)), (2, tl.FreezePolicy.none())])
+    staged = []
+    for _ in range(2):
+        model = build(workload, backend, "frozen")
+        info = {}
+        seconds = timed(lambda: info.update(model.fit(x, y, optimizer=recipe_optimizer(model, 3 * steps), freeze=plan,
+                                                      **{**kw, "epochs": 3, "cache_features": "auto"}).info))
+        staged.append({"seconds": seconds, "compilations": info["compilations"], "cache_features": info["cache_features"]})
+    out["staged"] = staged
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--backend", required=True)
@@ -179,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--streaming", action="store_true", help="only the DataLoader fine-tune (measure_streaming)")
+    p.add_argument("--recipe", action="store_true", help="only the recipe fine-tune (measure_recipe)")
     p.add_argument("--fresh", choices=("tlcore", "native"),
                    help="only time one end-to-end run of this side, in this new process (with its compiling)")
     args = p.parse_args(argv)
@@ -187,6 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fresh:
         seconds, _ = e2e_run(args.backend, native_cls, args.workloads, args.fresh, args.steps, args.epochs)
         out = {"fresh_process_ms": 1000 * seconds}
+        print(json.dumps(out))
+        return out
+    if args.recipe:
+        native_recipe = getattr(importlib.import_module(f"benchmarks.native.{args.backend}_loop"), "NativeRecipe", None)
+        out = {"recipe": measure_recipe(args.backend, args.workloads.split(",")[0], args.repeats, args.steps,
+                                        native_recipe)}
         print(json.dumps(out))
         return out
     rows = []

@@ -1,5 +1,6 @@
 """Fine-tuning recipes as portable specs: schedules against PyTorch's and Hugging Face's, layer groups,
 callbacks, History.plot, fastai's fine_tune, and the same trajectory on every backend."""
+import dataclasses
 import importlib.util
 import itertools
 
@@ -136,9 +137,7 @@ RECIPES = {
 
 def run_recipe(backend: str, name: str) -> tuple[list[float], dict]:
     ft = zoo_finetune(backend)
-    opt = RECIPES[name]
-    opt = type(opt)(**{**{f: getattr(opt, f) for f in opt.__dataclass_fields__},
-                       "lr_mult": tl.LayerDecay(0.75, tl.LayerGroups.auto(ft))})
+    opt = dataclasses.replace(RECIPES[name], lr_mult=tl.LayerDecay(0.75, tl.LayerGroups.auto(ft)))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
     y = rng.integers(0, 3, 16)

@@ -591,11 +591,10 @@ class Model(ModelPrimitives):
         """The trainer of ``owner`` (this model or its head view) for ``run``: reused from ``owner``'s
         cache, or made, then started afresh (``reset``) or continued (``resume``, optimizer state carried
         over from the run's last trainer, re-keyed between this model's and its head's tensor names)."""
-        key = replace(run.key, seed=0)
+        key = self._spec_for(owner, run.key)
         trainer = owner._trainers.pop(key, None)
-        made = trainer is None
-        if made:
-            trainer = owner._make_trainer(replace(run.key, seed=run.seed))
+        if trainer is None:
+            trainer = owner._make_trainer(replace(key, seed=run.seed))
         owner._trainers[key] = trainer
         while len(owner._trainers) > MAX_TRAINERS:
             owner._trainers.popitem(last=False)
@@ -607,9 +606,18 @@ class Model(ModelPrimitives):
         else:
             carried = run.carried_state(self._head)
             trainer.resume()
-            trainer.import_state(run.rename(carried, self._head, to_head=owner is not self))
+            trainer.import_state(run.rename(carried, self._head, to_head=True) if owner is not self else carried)
         run.live = (trainer, owner)
         return trainer
+
+    def _spec_for(self, owner: Model, spec: TrainSpec) -> TrainSpec:
+        """``spec`` (seed 0) for ``owner``: the head view's trainer gets the plan in the head's own names."""
+        spec = replace(spec, seed=0)
+        if owner is self or spec.params is None or self._head is None:
+            return spec
+        prefix = f"{self._head}."
+        entries = tuple((n[len(prefix):], g, m, wd) for n, g, m, wd in spec.params.entries if n.startswith(prefix))
+        return replace(spec, params=replace(spec.params, entries=entries))
 
     def _train(self, source: sources.Source, val: sources.Source | None, run: Run, stages: tuple,
                callbacks: list[Callback], cache_features: bool | str, reset: bool) -> History:

@@ -14,7 +14,17 @@ Frozen costs nothing: the step differentiates only the trainable parameters (the
 into trainable / updated-by-the-forward-pass / constant parts, and ``jax.grad`` sees only the first),
 so no gradient is ever computed for a frozen tensor, the optimizer (clipping and weight decay
 included) only ever sees trainable tensors, and frozen BatchNorm layers run on their moving
-statistics. The optimizer specs map to optax with PyTorch's update rules (see ``tlcore.optim``).
+statistics.
+
+The optimizer is PyTorch's, parameter by parameter (:class:`TorchRule`): each trainable parameter has
+its own learning-rate multiplier and weight decay (``TrainSpec.rates()``: static constants of the
+compiled step, as PyTorch's param groups), its own step count (Adam's bias correction; 0 for a
+parameter unfrozen in the middle of a run, as a new param group) and its own state slots under
+PyTorch's names (:class:`OptState`). The base learning rate of each step is an argument of the
+compiled step (a float32 scalar: schedules never recompile); the rate each parameter got in the last
+step is kept in the state (:meth:`JaxTrainer.applied_lr`). The state is exported and imported in the
+framework-neutral layout of ``tlcore.backend.Trainer``, so a run continues across ``fit`` calls,
+freeze changes and feature caching.
 
 Mixed precision (``precision="bfloat16"`` or ``"float16"``) is JAX's own: inside the step the
 parameters (trainable and frozen), frozen BatchNorm statistics and float inputs are cast to the
@@ -26,13 +36,16 @@ of the cast), the float32 master weights, the optimizer state and trainable Batc
 
 Example:
     >>> trainer = model._make_trainer(TrainSpec(tl.optim.Adam(lr=1e-3)))   # doctest: +SKIP
-    >>> logits = trainer.step(x, y, sample_weight)                          # doctest: +SKIP
+    >>> trainer.reset(seed=0)                                               # doctest: +SKIP
+    >>> logits = trainer.step(x, y, sample_weight, lr=1e-3)                 # doctest: +SKIP
     >>> trainer.compilations                                                # doctest: +SKIP
     1
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -51,6 +64,7 @@ from tlcore.data import Inputs, num_samples, take
 from tlcore.errors import TlcoreError
 from tlcore.losses import LossSpec, as_loss
 from tlcore.optim import OptimizerSpec, TrainSpec
+from tlcore.schedules import Schedule
 
 from .cut import Path, run_until, top_layer
 from .freeze import Partition, set_modes
@@ -67,35 +81,154 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": j
 LOSS_SCALE_GROWTH_INTERVAL = 2000
 
 
-def build_optimizer(spec: OptimizerSpec, clip_grad_norm: float | None = None) -> optax.GradientTransformation:
-    """The optax transformation for ``spec``, applied to trainable parameters only.
+def rule_of(spec: OptimizerSpec) -> OptimizerSpec:
+    """``spec``'s update rule alone: without its learning rate (a step argument), weight decay and
+    ``lr_mult`` / ``no_decay`` (the per-parameter rates of :class:`StepConfig`), so that steps that
+    differ only in those share their compilation."""
+    return dataclasses.replace(spec, lr=1.0, weight_decay=0.0, lr_mult=None, no_decay=None)
 
-    Order as in PyTorch: clip the global norm, add coupled L2 decay (SGD, Adam, RMSprop), then the
-    update rule; AdamW's decay is decoupled (``optax.adamw``). RMSprop adds ``eps`` outside the square
-    root and its momentum buffer follows PyTorch's.
+
+def slot_names(spec: OptimizerSpec) -> tuple[str, ...]:
+    """The state ``torch.optim`` keeps per parameter for ``spec`` (besides its step count)."""
+    if spec.kind == "sgd":
+        return ("momentum_buffer",) if spec.momentum else ()
+    if spec.kind in ("adam", "adamw"):
+        return ("exp_avg", "exp_avg_sq")
+    if spec.kind == "rmsprop":
+        return ("square_avg", *(("grad_avg",) if spec.centered else ()),
+                *(("momentum_buffer",) if spec.momentum else ()))
+    raise ValueError(f"unknown optimizer kind {spec.kind!r}")
+
+
+class OptState(NamedTuple):
+    """The optimizer state of the trainable parameters, in the step's order.
+
+    ``lr``: float32 ``(n,)``, the learning rate each parameter got in the last step (base rate times
+    its multiplier: PyTorch's ``param_group["lr"]``); ``steps``: int32 ``(n,)``, the updates each one
+    got (PyTorch's ``state["step"]``); one vector each, so that the per-parameter scalars of a step
+    (rates, bias corrections) cost one small fused computation, not one per parameter; ``slots``:
+    PyTorch's slot name (``exp_avg``, ...) -> one array per parameter, in its dtype and layout."""
+
+    lr: jax.Array
+    steps: jax.Array
+    slots: dict
+
+
+def _one_minus_pow(beta: float, t: jax.Array) -> jax.Array:
+    """``1 - beta ** t`` (Adam's bias correction) to float32 precision even for ``beta`` near 1,
+    where ``1 - float32(beta) ** t`` loses digits: ``-expm1(t * log(beta))``, ``log`` on the host."""
+    if beta == 0.0:
+        return jnp.ones_like(t)
+    return -jnp.expm1(t * jnp.float32(math.log(beta)))
+
+
+@dataclass(frozen=True)
+class TorchRule:
+    """``torch.optim``'s update for a list of parameters, each with its ``(lr multiplier, weight
+    decay)`` of ``rates``: the global gradient norm clipped first (``clip_grad_norm_``: a factor
+    ``min(1, max_norm / (norm + 1e-6))``), then per parameter coupled L2 decay (SGD, Adam, RMSprop:
+    ``g + wd * w``) or AdamW's decoupled ``w *= 1 - lr_i * wd_i`` with the parameter's own rate
+    ``lr_i = lr * multiplier``, then the rule, Adam's bias correction on the parameter's own step count.
 
     Example:
-        >>> spec = tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)   # doctest: +SKIP
-        >>> tx = build_optimizer(spec, clip_grad_norm=1.0)                 # doctest: +SKIP
+        >>> rule = TorchRule(tl.optim.Adam(), ((1.0, 0.0), (0.5, 0.0)))          # doctest: +SKIP
+        >>> state = rule.init(params, 1e-3)                                      # doctest: +SKIP
+        >>> params, state = rule.update(grads, state, params, jnp.float32(1e-3))   # doctest: +SKIP
     """
-    parts: list[optax.GradientTransformation] = []
-    if clip_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(clip_grad_norm))
-    if spec.kind != "adamw" and spec.weight_decay:
-        parts.append(optax.add_decayed_weights(spec.weight_decay))
-    if spec.kind == "sgd":
-        parts.append(optax.sgd(spec.lr, momentum=spec.momentum or None, nesterov=spec.nesterov))
-    elif spec.kind == "adam":
-        parts.append(optax.adam(spec.lr, b1=spec.betas[0], b2=spec.betas[1], eps=spec.eps))
-    elif spec.kind == "adamw":
-        parts.append(optax.adamw(spec.lr, b1=spec.betas[0], b2=spec.betas[1], eps=spec.eps,
-                                 weight_decay=spec.weight_decay))
-    elif spec.kind == "rmsprop":
-        parts.append(optax.rmsprop(spec.lr, decay=spec.alpha, eps=spec.eps, eps_in_sqrt=False,
-                                   centered=spec.centered, momentum=spec.momentum or None))
-    else:
-        raise ValueError(f"unknown optimizer kind {spec.kind!r}")
-    return optax.chain(*parts)
+
+    spec: OptimizerSpec
+    rates: tuple[tuple[float, float], ...]
+    clip_grad_norm: float | None = None
+
+    def init(self, params: list, lr: Any) -> OptState:
+        """Zero state and no steps for ``params``; ``lr``: the base rate their ``lr`` starts at."""
+        return OptState(self._rates(jnp.asarray(lr, jnp.float32)), jnp.zeros((len(params),), jnp.int32),
+                        {k: tuple(jnp.zeros_like(p) for p in params) for k in slot_names(self.spec)})
+
+    def _rates(self, lr: jax.Array) -> jax.Array:
+        """Each parameter's rate: the base rate ``lr`` times its multiplier (float32 constants)."""
+        mults = np.array([m for m, _ in self.rates], np.float32)
+        if np.all(mults == 1.0):
+            return jnp.broadcast_to(lr, mults.shape)
+        return lr * jnp.asarray(mults)
+
+    def update(self, grads: list, state: OptState, params: list, lr: jax.Array) -> tuple[list, OptState]:
+        """The new parameters and state after one step at base rate ``lr`` (a float32 scalar)."""
+        spec, kind = self.spec, self.spec.kind
+        if self.clip_grad_norm is not None and grads:
+            coef = jnp.minimum(self.clip_grad_norm / (optax.tree.norm(grads) + 1e-6), 1.0)
+            grads = [g * coef.astype(g.dtype) for g in grads]
+        # every parameter's scalars (rate, decay factor, bias corrections on its own step count) are
+        # computed together, as vectors, and each update only reads its entries: one small fusion for
+        # all parameters instead of a few tiny kernels each (XLA keeps a division or a square root of a
+        # scalar out of the elementwise update it feeds)
+        rates, steps = self._rates(lr), state.steps + 1
+        decays = np.array([wd for _, wd in self.rates], np.float32)
+        if kind == "adamw" and decays.any():
+            shrink = 1.0 - rates * jnp.asarray(decays)           # decoupled: w *= 1 - lr_i * wd_i
+        if kind in ("adam", "adamw"):
+            t = steps.astype(jnp.float32)
+            step_size = rates / _one_minus_pow(spec.betas[0], t)        # torch: lr / bias_correction1
+            inv_bias2_sqrt = jax.lax.rsqrt(_one_minus_pow(spec.betas[1], t))
+        names = tuple(state.slots)
+        new_params, slots = [], {k: [] for k in names}
+        for i, (w, g, (_, wd)) in enumerate(zip(params, grads, self.rates)):
+            old = {k: state.slots[k][i] for k in names}
+            if kind == "adamw":
+                w1 = w * shrink[i] if wd else w
+            else:
+                w1, g = w, (g + wd * w if wd else g)                    # coupled L2
+            if kind in ("adam", "adamw"):
+                new, w1 = self._adam(w1, g, old, step_size[i], inv_bias2_sqrt[i])
+            elif kind == "sgd":
+                new, w1 = self._sgd(w1, g, old, rates[i])
+            else:
+                new, w1 = self._rmsprop(w1, g, old, rates[i])
+            new_params.append(w1.astype(w.dtype))
+            for k in names:
+                slots[k].append(new[k].astype(old[k].dtype))
+        return new_params, OptState(rates, steps, {k: tuple(v) for k, v in slots.items()})
+
+    def _sgd(self, w: jax.Array, g: jax.Array, slots: dict, lr: jax.Array) -> tuple[dict, jax.Array]:
+        mom = self.spec.momentum
+        if not mom:
+            return slots, w - lr * g
+        buf = mom * slots["momentum_buffer"] + g   # = torch's clone(g) on the first step (zero buffer)
+        return {"momentum_buffer": buf}, w - lr * (g + mom * buf if self.spec.nesterov else buf)
+
+    def _adam(self, w: jax.Array, g: jax.Array, slots: dict, step_size: jax.Array,
+              inv_bias2_sqrt: jax.Array) -> tuple[dict, jax.Array]:
+        beta1, beta2 = self.spec.betas
+        m = slots["exp_avg"] + (1.0 - beta1) * (g - slots["exp_avg"])   # torch: exp_avg.lerp_(g, 1 - beta1)
+        v = beta2 * slots["exp_avg_sq"] + (1.0 - beta2) * (g * g)
+        denom = jnp.sqrt(v) * inv_bias2_sqrt + self.spec.eps     # torch: sqrt(v) / sqrt(bias_correction2)
+        return {"exp_avg": m, "exp_avg_sq": v}, w - step_size * (m / denom)
+
+    def _rmsprop(self, w: jax.Array, g: jax.Array, slots: dict, lr: jax.Array) -> tuple[dict, jax.Array]:
+        spec, alpha, new = self.spec, self.spec.alpha, {}
+        sq = new["square_avg"] = alpha * slots["square_avg"] + (1.0 - alpha) * (g * g)
+        if spec.centered:
+            ga = new["grad_avg"] = slots["grad_avg"] + (1.0 - alpha) * (g - slots["grad_avg"])   # torch: lerp_
+            avg = jnp.sqrt(sq - ga * ga) + spec.eps
+        else:
+            avg = jnp.sqrt(sq) + spec.eps
+        if spec.momentum:
+            buf = new["momentum_buffer"] = spec.momentum * slots["momentum_buffer"] + g / avg
+            return new, w - lr * buf
+        return new, w - lr * (g / avg)
+
+
+def build_optimizer(spec: OptimizerSpec, clip_grad_norm: float | None = None,
+                    rates: tuple[tuple[float, float], ...] = ()) -> TorchRule:
+    """The update rule of ``spec`` for the trainable parameters, one ``(lr multiplier, weight decay)``
+    each (``rates``), after clipping the gradients' global norm to ``clip_grad_norm``.
+
+    Example:
+        >>> spec = tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)                  # doctest: +SKIP
+        >>> rule = build_optimizer(spec, clip_grad_norm=1.0, rates=((1.0, 1e-4),) * 4)    # doctest: +SKIP
+    """
+    slot_names(spec)  # an unknown kind is an error here
+    return TorchRule(spec, tuple((float(m), float(wd)) for m, wd in rates), clip_grad_norm)
 
 
 def weighted_loss(out: jax.Array, y: jax.Array, w: jax.Array | None, spec: LossSpec) -> jax.Array:
@@ -165,13 +298,20 @@ def weighted_loss(out: jax.Array, y: jax.Array, w: jax.Array | None, spec: LossS
 
 @dataclass(frozen=True)
 class StepConfig:
-    """The static part of a training step besides the module's :class:`LeafSplit` (hashable)."""
+    """The static part of a training step besides the module's :class:`LeafSplit` (hashable):
+    ``optimizer`` is the update rule alone (:func:`rule_of`), ``rates`` the per-parameter constants."""
 
     optimizer: OptimizerSpec
     loss: LossSpec
     clip_grad_norm: float | None
     frozen_bn: frozenset
     precision: str = "float32"
+    #: ``(lr multiplier, weight decay)`` of each trainable parameter, in the step's order
+    rates: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def rule(self) -> TorchRule:
+        return build_optimizer(self.optimizer, self.clip_grad_norm, self.rates)
 
 
 class FrozenBatchNormUpdated(TlcoreError, RuntimeError):
@@ -277,16 +417,16 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def _train_step(split: LeafSplit, cfg: StepConfig, traces: list[int], trainable: list, mutable: list,
-                const: list, opt_state: Any, scale: LossScale | None, x: Inputs, y: jax.Array,
-                w: jax.Array | None):
+                const: list, opt_state: OptState, scale: LossScale | None, x: Inputs, y: jax.Array,
+                w: jax.Array | None, lr: jax.Array):
     """One step (traced under ``jax.jit``): gradient of the weighted mean loss (:func:`weighted_loss`,
     sample weights ``w`` or None) with respect to ``trainable`` only, optimizer update of
-    ``trainable``, the new ``mutable`` state from the forward pass; returns ``(trainable, mutable,
-    opt_state, scale, outputs)``, the outputs (logits) of the forward pass in float32. ``const`` is
-    never written. Under mixed precision the forward and backward pass compute in ``cfg.precision``
-    (``scale``: float16's :class:`LossScale`, else None)."""
+    ``trainable`` at base learning rate ``lr`` (a float32 scalar), the new ``mutable`` state from the
+    forward pass; returns ``(trainable, mutable, opt_state, scale, outputs)``, the outputs (logits)
+    of the forward pass in float32. ``const`` is never written. Under mixed precision the forward and
+    backward pass compute in ``cfg.precision`` (``scale``: float16's :class:`LossScale`, else None)."""
     traces[0] += 1  # runs once per trace, i.e. once per compilation
-    tx = build_optimizer(cfg.optimizer, cfg.clip_grad_norm)
+    tx = cfg.rule
     dtype = COMPUTE_DTYPES[cfg.precision]
     mixed = dtype != jnp.float32
     if mixed:  # mutable state (trainable BatchNorm statistics, RNG) is updated in its own dtype
@@ -318,15 +458,16 @@ def _train_step(split: LeafSplit, cfg: StepConfig, traces: list[int], trainable:
     grads, (out, new_mutable) = jax.grad(loss_fn, has_aux=True)(trainable)
     if scale is not None:
         grads = jax.tree.map(lambda g: g / scale.scale, grads)
-    updates, new_opt_state = tx.update(grads, opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
+    new_trainable, new_opt_state = tx.update(grads, opt_state, trainable, lr)
     if scale is None:
         return new_trainable, new_mutable, new_opt_state, None, out
     finite = _all_finite(grads)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_mutable = [keep(n, o) if jnp.issubdtype(o.dtype, jnp.floating) else n for n, o in zip(new_mutable, mutable)]
-    return (keep(new_trainable, trainable), new_mutable, keep(new_opt_state, opt_state), scale.adjust(finite),
-            out)
+    # a skipped step keeps the weights, moments and step counts (as GradScaler skips optimizer.step());
+    # the rates are the step's, as torch sets its param groups' lr before
+    kept = keep(new_opt_state, opt_state)._replace(lr=new_opt_state.lr)
+    return keep(new_trainable, trainable), new_mutable, kept, scale.adjust(finite), out
 
 
 @dataclass
@@ -350,7 +491,7 @@ def compiled_step(split: LeafSplit, cfg: StepConfig) -> CompiledStep:
         return _STEPS[key]
     traces = [0]
     step = _STEPS[key] = CompiledStep(jax.jit(functools.partial(_train_step, split, cfg, traces)), traces,
-                                      jax.jit(build_optimizer(cfg.optimizer, cfg.clip_grad_norm).init))
+                                      jax.jit(cfg.rule.init))
     while len(_STEPS) > _CACHE_SIZE:
         _STEPS.popitem(last=False)
     return step
@@ -415,16 +556,23 @@ def _get(node: Any, path: tuple) -> Any:
 
 
 class JaxTrainer(Trainer):
-    """Training steps for one ``fit``: the module flattened once, its leaves stepped by the shared
-    compiled function and written back to its variables by :meth:`finish`.
+    """Training steps for one model, freeze partition and spec: the module flattened, its leaves
+    stepped by the shared compiled function and written back to its variables by :meth:`finish`.
 
-    ``compilations`` counts the traces of the shared step during this trainer's steps: 1 for the
-    first batch shape ever seen for this configuration, 0 when an earlier fit compiled it already.
+    Made not started: :meth:`reset` starts a run (zero optimizer state, reseeded RNG streams),
+    :meth:`resume` continues one (the state kept, the module's current values read again);
+    :meth:`import_state` / :meth:`export_state` carry the optimizer state to and from another trainer.
+    A trainer stepped without either (outside the core) starts with ``reset(spec.seed)``.
+
+    ``compilations`` counts the traces of the shared step during this trainer's steps since the last
+    reset or resume: 1 for the first batch shape ever seen for this configuration, 0 when an earlier
+    fit compiled it already. Learning rates never compile: the step takes the base rate as an argument.
 
     Example:
         >>> trainer = model._make_trainer(TrainSpec(tl.optim.SGD(lr=0.1)))   # doctest: +SKIP
-        >>> logits = trainer.step(x, y); trainer.finish(); trainer.compilations   # doctest: +SKIP
-        1
+        >>> trainer.reset(0); logits = trainer.step(x, y); trainer.finish()    # doctest: +SKIP
+        >>> trainer.compilations, trainer.applied_lr()["head.out.weight"]      # doctest: +SKIP
+        (1, 0.1)
     """
 
     #: :meth:`epoch` dispatches this many steps ahead of the outputs it copies to the host, so the
@@ -436,50 +584,156 @@ class JaxTrainer(Trainer):
         self.streams, self.rng_prefix = model.layout.rng_streams, model.rng_prefix
         self.spec = spec
         treedef = jax.tree.structure(self.module)
-        self.cfg = StepConfig(spec.optimizer, as_loss(spec.loss), spec.clip_grad_norm, part.frozen_bn,
-                              spec.precision)
         # ``cache`` is this model's partition's: its leaf split by structure, compiled steps by
         # (structure, config), so a fit hashes no split
         if treedef not in cache:
             cache[treedef] = leaf_split(self.module, treedef, part)
         self.split = cache[treedef]
+        name_of = {path: name for name, path in model.layout.path_of.items()}
+        #: tlcore names of the trainable parameters, in the step's order
+        self.names = [name_of[path] for path in self.split.paths[:len(self.split.trainable)]]
+        self.cfg = StepConfig(rule_of(spec.optimizer), as_loss(spec.loss), spec.clip_grad_norm, part.frozen_bn,
+                              spec.precision, param_rates(spec, self.names, model.rng_prefix))
         key = (treedef, self.cfg)
         if key not in cache:
             cache[key] = compiled_step(self.split, self.cfg)
         self.compiled = cache[key]
-        self.reset(spec.seed)
+        self.schedule = spec.optimizer.schedule
+        self.constant_lr = None if isinstance(spec.optimizer.lr, Schedule) else float(spec.optimizer.lr)
+        self.trainable = self.mutable = self.const = None
+        self.opt_state: OptState | None = None
+        self.loss_scale: LossScale | None = None
+        self.updates = 0   # steps dispatched since the last reset (the schedule's step when no lr is given)
+        self.started, self._dirty = False, False
 
+    # ------------------------------------------------------------------ runs
     def reset(self, seed: int) -> None:
-        """Start from the module's current values: reseeded RNG streams, fresh optimizer state."""
+        """Start a run from the module's current values: reseeded RNG streams, zero optimizer state
+        (every step count at 0), the initial loss scale."""
         reseed(self.module, self.streams, seed, self.rng_prefix)
+        self._read_module()
+        self.updates = 0
+        self.opt_state = self.compiled.init(self.trainable, np.float32(self._base_lr(None)))
+        self.loss_scale = LossScale.initial() if self.cfg.precision == "float16" else None
+        self.compilations = 0
+        self.started = True
+
+    def resume(self) -> None:
+        """Continue a run: the module's current values read again (weights loaded since, RNG streams
+        as :meth:`finish` left them), the optimizer state, step counts and loss scale kept (zero state
+        for a trainer that never ran: :meth:`import_state` sets it)."""
+        self._read_module()
+        if self.opt_state is None:
+            self.opt_state = self.compiled.init(self.trainable, np.float32(self._base_lr(None)))
+        if self.cfg.precision == "float16" and self.loss_scale is None:
+            self.loss_scale = LossScale.initial()
+        self.compilations = 0
+        self.started = True
+
+    def _read_module(self) -> None:
         leaves = jax.tree.leaves(self.module)
         self.trainable, self.mutable, self.const = ([leaves[i] for i in idx] for idx in
                                                     (self.split.trainable, self.split.mutable, self.split.const))
-        self.opt_state = self.compiled.init(self.trainable)
-        self.loss_scale = LossScale.initial() if self.cfg.precision == "float16" else None
-        self.compilations = 0
         self._dirty = False
 
+    def _ensure_started(self) -> None:
+        if not self.started:
+            self.reset(self.spec.seed)
+
+    def finish(self) -> None:
+        if self._dirty:
+            variables = _variables(self.module)
+            for i, value in zip((*self.split.trainable, *self.split.mutable), (*self.trainable, *self.mutable)):
+                variables[i].set_value(value)
+            self._dirty = False
+
+    # ------------------------------------------------------------------ optimizer state
+    def export_state(self) -> dict:
+        """``{"slots": {name: {slot: float32 array}}, "steps": {name: int}}`` of the trainable
+        parameters; a parameter with no step yet has no slots (as ``torch.optim``'s empty state)."""
+        if self.opt_state is None:
+            return {"slots": {n: {} for n in self.names}, "steps": dict.fromkeys(self.names, 0)}
+        steps, slots = jax.device_get((self.opt_state.steps, self.opt_state.slots))
+        steps = [int(n) for n in steps]
+        out: dict = {"slots": {}, "steps": {}}
+        for i, name in enumerate(self.names):
+            out["steps"][name] = steps[i]
+            out["slots"][name] = {k: np.array(v[i], dtype=np.float32) for k, v in slots.items()} if steps[i] else {}
+        return out
+
+    def import_state(self, state: dict) -> None:
+        """Set the state of the trainable parameters from ``state`` (as :meth:`export_state` gives it,
+        from any backend); a parameter absent from it gets zero slots and no steps (just unfrozen)."""
+        if not self.started:
+            self.resume()
+        given_slots, given_steps = state.get("slots", {}), state.get("steps", {})
+        names = tuple(self.opt_state.slots)
+        slots: dict[str, list] = {k: [] for k in names}
+        steps = []
+        for i, (name, p) in enumerate(zip(self.names, self.trainable)):
+            given = given_slots.get(name)
+            steps.append(0 if given is None else int(given_steps.get(name, 0)))
+            for k in names:
+                value = None if given is None else given.get(k)
+                if value is None:
+                    slots[k].append(jnp.zeros_like(self.opt_state.slots[k][i]))
+                    continue
+                value = np.asarray(value)
+                if value.shape != tuple(p.shape):
+                    raise TlcoreError(f"optimizer state {k!r} of {name!r} has shape {value.shape}, the tensor "
+                                      f"{tuple(p.shape)}")
+                slots[k].append(jnp.asarray(value, dtype=self.opt_state.slots[k][i].dtype))
+        self.opt_state = OptState(self.opt_state.lr, jnp.asarray(np.array(steps, np.int32)),
+                                  {k: tuple(v) for k, v in slots.items()})
+
+    def applied_lr(self) -> dict[str, float]:
+        """``{tensor name: learning rate}`` of the last step, read from the optimizer state."""
+        if self.opt_state is None:
+            return {}
+        return {name: float(v) for name, v in zip(self.names, jax.device_get(self.opt_state.lr))}
+
+    def optimizer_state_bytes(self) -> int:
+        state = self.opt_state
+        if state is None:  # not started: the state it would hold
+            leaves = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in
+                      (jax.tree.leaves(self.module)[i] for i in self.split.trainable)]
+            state = jax.eval_shape(self.compiled.init, leaves, np.float32(0))
+        return int(sum(np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape) for leaf in jax.tree.leaves(state)))
+
+    # ------------------------------------------------------------------ steps
     @property
     def trainable_paths(self) -> list[Path]:
         """Native paths of the variables the step differentiates and optimizes."""
         return list(self.split.paths[:len(self.split.trainable)])
 
-    def step(self, x: Inputs, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-        """Train on one batch; return the logits of its training forward pass (float32 numpy)."""
+    def _base_lr(self, lr: float | None) -> float:
+        """The base rate of the next step: ``lr``, else the optimizer's constant rate or its schedule
+        at the steps this trainer dispatched."""
+        if lr is not None:
+            return lr
+        return self.constant_lr if self.constant_lr is not None else float(self.schedule.lr_at(self.updates))
+
+    def step(self, x: Inputs, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> np.ndarray:
+        """Train on one batch at base rate ``lr``; return the logits of its training forward pass
+        (float32 numpy)."""
+        self._ensure_started()
         check_call(self.module, x)
-        return np.asarray(self._dispatch(to_device(x), _labels(y), _weights(w)))
+        return np.asarray(self._dispatch(to_device(x), _labels(y), _weights(w), np.float32(self._base_lr(lr))))
 
     def epoch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None, batches: list,
-              on_step: Callable[[int], Any] = lambda n: None) -> list[np.ndarray]:
-        """The core's epoch, on ``x``, ``y`` and ``w`` checked and converted for the device once; each
-        step's outputs are copied to the host while later steps run (see :attr:`PIPELINE_DEPTH`)."""
+              on_step: Callable[[int], Any] = lambda n: None, lrs: list[float] | None = None) -> list[np.ndarray]:
+        """The core's epoch, on ``x``, ``y`` and ``w`` checked and converted for the device once, at the
+        base rates ``lrs``; each step's outputs are copied to the host while later steps run (see
+        :attr:`PIPELINE_DEPTH`)."""
+        self._ensure_started()
         check_call(self.module, x)
         x, y, w = to_device(x), _labels(y), _weights(w)
+        rates = None if lrs is None else np.asarray(lrs, dtype=np.float32)
         outs: list[np.ndarray] = []
         pending: deque[jax.Array] = deque()
-        for b in batches:
-            out = self._dispatch(take(x, b), y[b], None if w is None else w[b])
+        for i, b in enumerate(batches):
+            lr = np.float32(self._base_lr(None)) if rates is None else rates[i]
+            out = self._dispatch(take(x, b), y[b], None if w is None else w[b], lr)
             out.copy_to_host_async()
             pending.append(out)
             on_step(1)
@@ -488,19 +742,21 @@ class JaxTrainer(Trainer):
         outs.extend(np.asarray(out) for out in pending)
         return outs
 
-    def _dispatch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None) -> jax.Array:
+    def _dispatch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None, lr: np.float32) -> jax.Array:
         """Run the compiled step on a converted batch; its outputs stay on the device."""
         before = self.compiled.traces[0]
-        self.trainable, self.mutable, self.opt_state, self.loss_scale, out = \
-            self.compiled.fn(self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, x, y, w)
+        self.trainable, self.mutable, self.opt_state, self.loss_scale, out = self.compiled.fn(
+            self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, x, y, w, lr)
         self.compilations += self.compiled.traces[0] - before
+        self.updates += 1
         self._dirty = True
         return out
 
     def _args(self, x: Inputs, y: np.ndarray, w: np.ndarray | None = None) -> tuple:
+        self._ensure_started()
         check_call(self.module, x)
         return (self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, to_device(x),
-                _labels(y), _weights(w))
+                _labels(y), _weights(w), np.float32(self._base_lr(None)))
 
     def jaxpr(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> jax.extend.core.ClosedJaxpr:
         """The step's jaxpr for one batch, traced afresh (not counted as a compilation); to inspect
@@ -513,15 +769,17 @@ class JaxTrainer(Trainer):
         inspection, e.g. counting the convolutions a frozen step really runs)."""
         return self.compiled.fn.lower(*self._args(x, y, w)).compile().as_text()
 
-    def finish(self) -> None:
-        if self._dirty:
-            variables = _variables(self.module)
-            for i, value in zip((*self.split.trainable, *self.split.mutable), (*self.trainable, *self.mutable)):
-                variables[i].set_value(value)
-            self._dirty = False
 
-    def optimizer_state_bytes(self) -> int:
-        return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self.opt_state)))
+def param_rates(spec: TrainSpec, names: list[str], prefix: str = "") -> tuple[tuple[float, float], ...]:
+    """``(lr multiplier, weight decay)`` of each of ``names`` from ``spec.rates()``, (1, the optimizer's
+    weight decay) for a name it does not list. ``prefix``: the module's name inside the model the
+    plan was made for (a head trained on cached features: ``"head."``), tried first."""
+    rates, default = spec.rates(), (1.0, float(spec.optimizer.weight_decay))
+    out = []
+    for name in names:
+        m, wd = rates.get(prefix + name if prefix and prefix + name in rates else name, default)
+        out.append((float(m), float(wd)))
+    return tuple(out)
 
 
 def _labels(y: np.ndarray) -> np.ndarray:

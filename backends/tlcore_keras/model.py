@@ -11,7 +11,6 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -43,8 +42,10 @@ class KerasModel(Model):
 
     Args:
         native: the ``keras.Model``; it is shared, not copied (``tl.finetune`` copies).
-        rng_prefix: prepended to tensor names when seeding random layers, so that a head trained
-            alone (feature caching) draws the same dropout masks as inside the full model.
+        rng_prefix: prepended to tensor names when seeding random layers and when looking up their
+            rates in the optimizer's plan (``TrainSpec.rates()``, named in the whole model), so that a
+            head trained alone (feature caching) draws the same dropout masks and trains at the same
+            rates as inside the full model.
         canonical: report weights under PyTorch's names and layouts (zoo models, whose state is
             the same on every backend): ``conv1.weight`` ``(out, in, kh, kw)``, ``fc.weight``
             ``(out, in)``, ``bn1.running_mean``... An attached head is always reported so.
@@ -191,12 +192,15 @@ class KerasModel(Model):
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
         """A compiled step for ``spec`` and the current trainable set (the core drops it as soon as the
-        policy changes what trains, so a stale step, keras#6405, is never run)."""
-        variables = self.trainable_variables()
+        policy changes what trains, so a stale step, keras#6405, is never run); not started (the core
+        calls ``reset`` or ``resume``). A head view looks its tensors' rates up under their names in the
+        whole model (``rng_prefix``: the head's name and a dot)."""
+        mask = self._resolved.mask
+        tensors = [t for t in self._tensors if t.info.kind in freeze.TRAINABLE_KINDS and mask[t.name]]
         rngs = [(self._rng_prefix + t.name, t.variable) for t in self._tensors if t.info.kind == "rng"]
-        if self._shared_key is not None and variables and spec.precision != "float16":  # float16 scales its loss
-            return SharedStepTrainer(self._model, rngs, spec, (*self._shared_key, replace(spec, seed=0)))
-        return KerasTrainer(self._model, variables, rngs, spec, self._to_inputs)
+        if self._shared_key is not None and tensors and spec.precision != "float16":  # float16 scales its loss
+            return SharedStepTrainer(self._model, tensors, rngs, spec, self._shared_key, self._rng_prefix)
+        return KerasTrainer(self._model, tensors, rngs, spec, self._to_inputs, prefix=self._rng_prefix)
 
     def _stochastic_layers(self) -> list[str]:
         return freeze.stochastic_layers(self._model, self._order)

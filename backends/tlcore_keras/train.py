@@ -14,6 +14,16 @@ SGD (without Nesterov) runs its rule as TensorFlow's fused ``ResourceApplyMoment
 values, one op per variable instead of ~10: resnet18 full fine-tuning was ~2 ms a step slower than
 Keras' own SGD before).
 
+Rates and state, as PyTorch's param groups. The core passes each step's base rate (from the
+optimizer's schedule) as a float32 argument of the compiled step, which assigns it to the optimizer's
+``learning_rate`` inside the graph (no eager assign per step); each variable's ``(lr multiplier,
+weight decay)`` (``TrainSpec.rates()``, a ``LayerDecay``/``Discriminative`` plan and ``no_decay``) are
+constants of the step. AdamW's decoupled decay uses the variable's own rate. Step counts are per
+variable (Keras' ``iterations`` plus a per-variable offset), so a variable unfrozen mid-run gets
+Adam's bias corrections from its own first step, as a new PyTorch param group. The state leaves and
+enters a trainer framework-neutral (``export_state``/``import_state``: PyTorch's slot names, the
+tensors' ``state()`` layouts, a canonical model's kernels transposed like its weights).
+
 Which step. Measured with ``benchmarks/keras_step.py`` on this machine (2 CPU cores, TensorFlow
 2.21, Keras 3.15), median ms per step over 7 interleaved repeats, first call (trace/compile) in
 brackets; full results in ``benchmarks/results/keras_step.json``:
@@ -48,8 +58,9 @@ policy and the optimizer spec are unchanged, and builds a new one as soon as wha
 changing ``trainable`` after compiling (the stale-compile pitfall, keras#6405) cannot happen.
 
 Example:
-    >>> trainer = KerasTrainer(model, trainable_vars, rng_vars, TrainSpec(tl.optim.Adam(lr=1e-3)))  # doctest: +SKIP
-    >>> logits = trainer.step(x_batch, y_batch, sample_weight_batch)                                # doctest: +SKIP
+    >>> trainer = KerasTrainer(model, trainable_tensors, rng_vars, TrainSpec(tl.optim.Adam(lr=1e-3)))  # doctest: +SKIP
+    >>> trainer.reset(seed=0)                                                                         # doctest: +SKIP
+    >>> logits = trainer.step(x_batch, y_batch, sample_weight_batch, lr=1e-3)                         # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -57,7 +68,8 @@ import re
 import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -94,36 +106,119 @@ def clip_by_global_norm(grads: list, max_norm: float) -> list:
     return [None if g is None else g * tf.cast(coef, g.dtype) for g in grads]
 
 
+class Rate(NamedTuple):
+    """What the update of one variable uses this step (tensors of the step, float32): its learning rate
+    ``lr`` (the base rate times its multiplier), its weight decay ``wd`` (a constant), and for Adam
+    the step size ``lr / (1 - beta1 ** step)``, ``sqrt(1 - beta2 ** step)`` and AdamW's decoupled
+    factor ``1 - lr * wd``, computed in float64 from the variable's own step count, as PyTorch computes
+    them in Python floats."""
+
+    lr: Any
+    wd: float
+    step_size: Any = None
+    bias2_sqrt: Any = None
+    decay: Any = None
+
+
 class TorchRuleOptimizer(keras.optimizers.Optimizer):
     """Base of the optimizers below: a ``tlcore.optim`` spec on Keras' optimizer machinery.
 
     Each subclass defines its update as a pure function, :meth:`rule`, which ``update_step`` (the
-    stateful Keras path) and :func:`stateless_update` (a step that takes and returns values) share.
+    stateful Keras path) and :class:`SharedStepTrainer` (a step that takes and returns values) share.
     ``clip_grad_norm`` clips the global norm of the gradients passed to ``apply`` first.
+
+    Rates, as PyTorch's param groups: ``rates`` gives each variable (in the order the optimizer is
+    built on) its ``(lr multiplier, weight decay)`` (default: ``(1, spec.weight_decay)``); they are
+    constants of the traced step. The base rate is Keras' ``learning_rate`` variable (the trainer
+    assigns each step's rate to it inside its compiled step); each step computes the rate of every
+    multiplier group from it, in float64, and keeps it in :attr:`group_lr` (what :meth:`applied_lr`
+    reads). Step counts are per variable, as PyTorch's per-parameter ``step``: Keras' ``iterations``
+    plus the variable's ``step_offsets`` entry (set when optimizer state is imported: a variable
+    unfrozen mid-run starts at 0 while the others go on).
     """
 
-    def __init__(self, spec: OptimizerSpec, clip_grad_norm: float | None = None, name: str | None = None):
-        super().__init__(learning_rate=float(spec.lr), name=name or f"tlcore_{spec.kind}")
+    def __init__(self, spec: OptimizerSpec, clip_grad_norm: float | None = None,
+                 rates: list[tuple[float, float]] | None = None, name: str | None = None):
+        super().__init__(learning_rate=float(spec.schedule.lr_at(0)), name=name or f"tlcore_{spec.kind}")
         self.spec = spec
         self.clip_grad_norm = clip_grad_norm
+        if rates is not None:
+            self._set_rates(rates)
+
+    def _set_rates(self, rates) -> None:
+        rates = tuple((float(m), float(wd)) for m, wd in rates)
+        multipliers = tuple(dict.fromkeys(m for m, _ in rates)) or (1.0,)
+        self.__dict__.update(  # plain attributes (not tracked by Keras)
+            rates=rates, multipliers=multipliers, group_of=tuple(multipliers.index(m) for m, _ in rates))
 
     def slot_names(self) -> tuple[str, ...]:
-        """Names of the per-variable state tensors (zeros at the start)."""
+        """Names of the per-variable state tensors (zeros at the start): PyTorch's."""
         return ()
 
-    def rule(self, w, g, slots: dict, step) -> tuple:
-        """``(new w, {slot: new value})`` from weight ``w``, gradient ``g``, ``slots`` and the 1-based
-        ``step``; pure (tensors in, tensors out)."""
+    def rule(self, w, g, slots: dict, rate: Rate) -> tuple:
+        """``(new w, {slot: new value})`` from weight ``w``, gradient ``g``, ``slots`` and the variable's
+        :class:`Rate`; pure (tensors in, tensors out)."""
         raise NotImplementedError
 
     def build(self, var_list):
         if self.built:
             return
         super().build(var_list)
+        if "rates" not in self.__dict__:
+            self._set_rates([(1.0, self.spec.weight_decay)] * len(var_list))
+        if len(self.rates) != len(var_list):
+            raise ValueError(f"{len(self.rates)} rates for {len(var_list)} variables")
         self._state = {name: self.add_optimizer_variables(var_list, name) for name in self.slot_names()}
+        self.step_offsets = self.add_variable((len(var_list),), dtype="int64", name="step_offsets")
+        with tf.init_scope():
+            lr0 = float(self.spec.schedule.lr_at(0))
+            self.__dict__["group_lr"] = tf.Variable(np.asarray(self.multipliers) * lr0, dtype=tf.float64,
+                                                    trainable=False, name="group_lr")
 
-    #: whether :meth:`rule` reads ``step`` (else ``update_step`` passes ``None`` and reads no counter)
+    #: whether :meth:`rule` uses the step count (Adam's bias corrections)
     uses_step = False
+    #: whether every variable has the same step count: a step traced so computes its step-dependent
+    #: terms once for all (set by the trainer before it traces; see :meth:`rates_of`)
+    same_steps = True
+
+    def rates_of(self, learning_rate, iterations, offsets, same_steps: bool = True) -> tuple:
+        """``(group rates, [Rate per variable])`` for the base rate ``learning_rate`` (float32) and the
+        step counts ``iterations + offsets`` before this step; the group rates are float64 (one per
+        multiplier), what :meth:`applied_lr` reports. Pure.
+
+        Computed once per step for all variables: per multiplier group (and decay) when every variable
+        has the same step count (``same_steps``: the usual case; the offsets are then all 0 and not
+        read), else with one vector operation per term over all variables (after a variable was
+        unfrozen mid-run). A multiplier of 1 uses the float32 rate as it is."""
+        lr32 = tf.cast(ops.convert_to_tensor(learning_rate), tf.float32)
+        base = tf.cast(lr32, tf.float64)
+        group = tf.reshape(base, (1,)) if self.multipliers == (1.0,) else \
+            base * tf.constant(self.multipliers, tf.float64)
+        by_group = [base if m == 1.0 else base * m for m in self.multipliers]
+        lrs = [lr32 if m == 1.0 else tf.cast(by_group[g], tf.float32) for g, m in enumerate(self.multipliers)]
+        n, wds = len(self.rates), [wd for _, wd in self.rates]
+        decoupled = getattr(self, "decoupled", False)
+        if not self.uses_step:
+            return group, [Rate(lrs[g], wd) for g, wd in zip(self.group_of, wds)]
+        b1, b2 = (tf.constant(b, tf.float64) for b in self.spec.betas)
+        iterations = ops.convert_to_tensor(iterations)
+        if same_steps:
+            step = tf.cast(iterations + 1, tf.float64)
+            bias1, bias2_sqrt = 1.0 - tf.pow(b1, step), tf.cast(tf.sqrt(1.0 - tf.pow(b2, step)), tf.float32)
+            sizes = [tf.cast(lr / bias1, tf.float32) for lr in by_group]
+            decays = {(g, wd): tf.cast(1.0 - by_group[g] * wd, tf.float32)
+                      for g, wd in dict.fromkeys(zip(self.group_of, wds)) if decoupled and wd}
+            return group, [Rate(lrs[g], wd, sizes[g], bias2_sqrt, decays.get((g, wd)))
+                           for g, wd in zip(self.group_of, wds)]
+        per_var = tf.gather(group, self.group_of)
+        steps = tf.cast(iterations + 1 + ops.convert_to_tensor(offsets), tf.float64)
+        bias1, bias2_sqrt = 1.0 - tf.pow(b1, steps), tf.sqrt(1.0 - tf.pow(b2, steps))
+        sizes = tf.unstack(tf.cast(per_var / bias1, tf.float32), num=n)
+        bias2_sqrt = tf.unstack(tf.cast(bias2_sqrt, tf.float32), num=n)
+        decays = tf.unstack(tf.cast(1.0 - per_var * tf.constant(wds, tf.float64), tf.float32), num=n) \
+            if decoupled and any(wds) else [None] * n
+        return group, [Rate(lrs[g], wd, s, b, d)
+                       for g, wd, s, b, d in zip(self.group_of, wds, sizes, bias2_sqrt, decays)]
 
     def apply(self, grads, trainable_variables=None):
         grads = dense(list(grads))
@@ -140,26 +235,33 @@ class TorchRuleOptimizer(keras.optimizers.Optimizer):
             cache[key] = make()
         return cache[key]
 
-    def _current_step(self, dtype):
-        """The 1-based step as ``dtype`` (``None`` when :meth:`rule` does not use it)."""
-        if not self.uses_step:
-            return None
-        return self._once(("step", dtype), lambda: ops.cast(self.iterations + 1, dtype))
+    def _rate(self, index: int, learning_rate) -> Rate:
+        """The :class:`Rate` of variable ``index`` this step (all variables' made at the first one)."""
+        def make():
+            group, rates = self.rates_of(learning_rate, self.iterations, self.step_offsets, self.same_steps)
+            self.group_lr.assign(group)  # what applied_lr reads: the rates this step computed
+            return rates
+        return self._once("rates", make)[index]
 
     def update_step(self, gradient, variable, learning_rate):
         index = variable_index(self, variable)
         slots = {name: self._state[name][index] for name in self.slot_names()}
-        step = self._current_step(variable.dtype)
         new_w, new_slots = self.rule(ops.convert_to_tensor(variable), ops.cast(gradient, variable.dtype),
-                                     {n: ops.convert_to_tensor(v) for n, v in slots.items()}, step)
+                                     {n: ops.convert_to_tensor(v) for n, v in slots.items()},
+                                     self._rate(index, learning_rate))
         for name, value in new_slots.items():
             self.assign(slots[name], value)
         self.assign(variable, new_w)
 
-    def _l2(self, g, w):
+    @staticmethod
+    def _l2(g, w, wd: float):
         """Coupled L2 regularisation: ``g + weight_decay * w``."""
-        wd = self.spec.weight_decay
         return g + wd * w if wd else g
+
+
+def _like(t, w):
+    """``t`` in ``w``'s dtype (no operation when it already is)."""
+    return tf.cast(t, w.dtype)
 
 
 class SGD(TorchRuleOptimizer):
@@ -178,26 +280,29 @@ class SGD(TorchRuleOptimizer):
             return super().update_step(gradient, variable, learning_rate)
         var = variable.value if isinstance(variable, keras.Variable) else variable
         dtype = var.dtype
-        g = self._l2(tf.cast(gradient, dtype), var.read_value() if self.spec.weight_decay else None)
-        lr, mu = self._once(("lr, momentum", dtype), lambda: (tf.constant(self.spec.lr, dtype),
-                                                              tf.constant(self.spec.momentum, dtype)))
+        index = variable_index(self, variable)
+        rate = self._rate(index, learning_rate)
+        g = self._l2(tf.cast(gradient, dtype), var.read_value() if rate.wd else None, rate.wd)
+        lr = tf.cast(rate.lr, dtype)
         if self.spec.momentum:
-            buf = self._state["momentum_buffer"][variable_index(self, variable)].value
+            mu = self._once(("momentum", dtype), lambda: tf.constant(self.spec.momentum, dtype))
+            buf = self._state["momentum_buffer"][index].value
             tf.raw_ops.ResourceApplyMomentum(var=var.handle, accum=buf.handle, lr=lr, grad=g, momentum=mu)
         else:
             tf.raw_ops.ResourceApplyGradientDescent(var=var.handle, alpha=lr, delta=g)
 
-    def rule(self, w, g, slots, step):
-        g, mu = self._l2(g, w), self.spec.momentum
+    def rule(self, w, g, slots, rate):
+        g, mu, lr = self._l2(g, w, rate.wd), self.spec.momentum, _like(rate.lr, w)
         if not mu:
-            return w - self.spec.lr * g, {}
+            return w - lr * g, {}
         buf = mu * slots["momentum_buffer"] + g
         g = g + mu * buf if self.spec.nesterov else buf
-        return w - self.spec.lr * g, {"momentum_buffer": buf}
+        return w - lr * g, {"momentum_buffer": buf}
 
 
 class Adam(TorchRuleOptimizer):
-    """``torch.optim.Adam`` (``eps`` added to ``sqrt(v_hat)``; ``weight_decay`` is coupled L2)."""
+    """``torch.optim.Adam`` (``eps`` added to ``sqrt(v_hat)``; ``weight_decay`` is coupled L2), with
+    the bias corrections of each variable's own step count."""
 
     decoupled = False
     uses_step = True
@@ -205,23 +310,21 @@ class Adam(TorchRuleOptimizer):
     def slot_names(self):
         return ("exp_avg", "exp_avg_sq")
 
-    def rule(self, w, g, slots, step):
-        lr, wd = self.spec.lr, self.spec.weight_decay
-        if self.decoupled:
-            w = w * (1.0 - lr * wd) if wd else w
-        else:
-            g = self._l2(g, w)
+    def rule(self, w, g, slots, rate):
+        if not self.decoupled:
+            g = self._l2(g, w, rate.wd)
+        elif rate.wd:
+            w = w * _like(rate.decay, w)
         b1, b2 = self.spec.betas
         m = slots["exp_avg"] + (g - slots["exp_avg"]) * (1.0 - b1)
         v = slots["exp_avg_sq"] * b2 + (1.0 - b2) * g * g
-        bias1 = 1.0 - ops.power(ops.cast(b1, w.dtype), step)
-        bias2_sqrt = ops.sqrt(1.0 - ops.power(ops.cast(b2, w.dtype), step))
-        denom = ops.sqrt(v) / bias2_sqrt + self.spec.eps
-        return w - (lr / bias1) * m / denom, {"exp_avg": m, "exp_avg_sq": v}
+        denom = ops.sqrt(v) / _like(rate.bias2_sqrt, w) + self.spec.eps
+        return w - _like(rate.step_size, w) * m / denom, {"exp_avg": m, "exp_avg_sq": v}
 
 
 class AdamW(Adam):
-    """``torch.optim.AdamW``: ``w *= 1 - lr * weight_decay`` (decoupled), then Adam's update."""
+    """``torch.optim.AdamW``: ``w *= 1 - lr * weight_decay`` (decoupled, at the variable's own rate),
+    then Adam's update."""
 
     decoupled = True
 
@@ -233,8 +336,8 @@ class RMSprop(TorchRuleOptimizer):
         return ("square_avg",) + (("grad_avg",) if self.spec.centered else ()) + \
             (("momentum_buffer",) if self.spec.momentum else ())
 
-    def rule(self, w, g, slots, step):
-        g, alpha = self._l2(g, w), self.spec.alpha
+    def rule(self, w, g, slots, rate):
+        g, alpha, lr = self._l2(g, w, rate.wd), self.spec.alpha, _like(rate.lr, w)
         new = {"square_avg": slots["square_avg"] * alpha + (1.0 - alpha) * g * g}
         if self.spec.centered:
             new["grad_avg"] = slots["grad_avg"] + (g - slots["grad_avg"]) * (1.0 - alpha)
@@ -244,18 +347,32 @@ class RMSprop(TorchRuleOptimizer):
         avg = avg + self.spec.eps
         if self.spec.momentum:
             new["momentum_buffer"] = slots["momentum_buffer"] * self.spec.momentum + g / avg
-            return w - self.spec.lr * new["momentum_buffer"], new
-        return w - self.spec.lr * g / avg, new
+            return w - lr * new["momentum_buffer"], new
+        return w - lr * g / avg, new
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
 
-def build_optimizer(spec: OptimizerSpec, clip_grad_norm: float | None = None) -> TorchRuleOptimizer:
-    """The Keras optimizer for ``spec`` (not built yet: ``build`` it on the trainable variables)."""
+def build_optimizer(spec: OptimizerSpec, clip_grad_norm: float | None = None,
+                    rates: list[tuple[float, float]] | None = None) -> TorchRuleOptimizer:
+    """The Keras optimizer for ``spec`` (not built yet: ``build`` it on the trainable variables), with
+    ``rates[i]`` = ``(lr multiplier, weight decay)`` of the i-th variable it will be built on."""
     if spec.kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer kind {spec.kind!r}; known: {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[spec.kind](spec, clip_grad_norm)
+    return OPTIMIZERS[spec.kind](spec, clip_grad_norm, rates)
+
+
+def param_rates(spec: TrainSpec, names: list[str], prefix: str = "") -> list[tuple[float, float]]:
+    """``(lr multiplier, weight decay)`` of each tensor of ``names`` as ``spec.rates()`` gives them (by
+    ``prefix + name`` first: a head trained alone looks its tensors up under their names in the whole
+    model), ``(1, the optimizer's weight decay)`` where it names none."""
+    rates, default = spec.rates(), (1.0, float(spec.optimizer.weight_decay))
+    out = []
+    for name in names:
+        rate = rates.get(prefix + name) if prefix and prefix + name in rates else rates.get(name, default)
+        out.append((float(rate[0]), float(rate[1])))
+    return out
 
 
 def _constant(values: np.ndarray | None):
@@ -403,26 +520,51 @@ def precision_errors(precision: str):
             + (" or 'bfloat16'" if precision == "float16" else " or 'float16'")) from None
 
 
+def _to_state(value: np.ndarray, perm: tuple[int, ...] | None) -> np.ndarray:
+    """A slot in its tensor's ``state()`` layout (as ``freeze.Tensor.read``), float32."""
+    value = np.asarray(value, dtype=np.float32)
+    return np.array(value.transpose(perm) if perm else value, copy=True, order="C")
+
+
+def _from_state(value: Any, perm: tuple[int, ...] | None, shape: tuple, what: str) -> np.ndarray:
+    """A slot given in its tensor's ``state()`` layout, in Keras' layout (as ``freeze.Tensor.write``)."""
+    value = np.asarray(value, dtype=np.float32)
+    value = value.transpose(np.argsort(perm)) if perm else value
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"optimizer state {what}: shape {tuple(np.shape(value))} does not fit the tensor")
+    return value
+
+
 class KerasTrainer(Trainer):
     """One ``tf.function`` training step for a fixed trainable set.
 
     Args:
         model: the native ``keras.Model``; called with ``training=True`` (frozen BatchNorm layers
             have ``trainable=False`` and so run in inference mode).
-        variables: the trainable variables (the optimizer's only state and decay targets).
-        rng_vars: ``(key, seed state)`` of the random layers, reset from ``spec.seed``.
+        tensors: the trainable tensors (``freeze.Tensor``: name, variable, layout), the optimizer's
+            only state and decay targets.
+        rng_vars: ``(key, seed state)`` of the random layers, reset from the seed by :meth:`reset`.
         spec: optimizer, loss, clipping, seed and precision (see :func:`mixed_precision`; float16
             adds Keras' dynamic loss scaling, ``LossScaleOptimizer``).
         to_inputs: turns a numpy batch (an array, a dict or a tuple) into what the model is called
             with (see ``inputs.ModelInputs``).
         jit_compile: compile the step with XLA.
+        prefix: prepended to the tensor names to look up their rates in ``spec.rates()`` (see
+            :func:`param_rates`).
+
+    The step takes the base learning rate as a float32 argument and assigns it to the optimizer's
+    ``learning_rate`` inside the compiled step (no eager assign per step); the multipliers and decays
+    are constants of the step. The weights, optimizer state and seed states live in the Keras
+    variables, so :meth:`resume` has nothing to re-read.
     """
 
-    def __init__(self, model: keras.Model, variables: list, rng_vars: list, spec: TrainSpec,
-                 to_inputs: Callable[[Any], Any] = lambda x: x, jit_compile: bool = JIT_COMPILE):
-        self.model, self.variables, self.spec, self.rng_vars = model, list(variables), spec, rng_vars
+    def __init__(self, model: keras.Model, tensors: list, rng_vars: list, spec: TrainSpec,
+                 to_inputs: Callable[[Any], Any] = lambda x: x, jit_compile: bool = JIT_COMPILE, prefix: str = ""):
+        self.model, self.tensors, self.spec, self.rng_vars = model, list(tensors), spec, rng_vars
+        self.variables = [t.variable for t in self.tensors]
         self.to_inputs = to_inputs
-        self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm) if self.variables else None
+        rates = param_rates(spec, [t.name for t in self.tensors], prefix)
+        self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm, rates) if self.variables else None
         #: float16's loss scaling (None otherwise): Keras' dynamic scale around the optimizer
         self.scaler = None
         if self.optimizer is not None and spec.precision == "float16":
@@ -432,11 +574,16 @@ class KerasTrainer(Trainer):
         self.jit_compile = jit_compile
         self._fns: dict[tuple, object] = {}
         self._zero_state = None
+        #: the rate a step without one runs at: the optimizer's lr when it is a number, else the last one
+        self._lr = float(spec.optimizer.schedule.lr_at(0))
+        self._rate = None  # self._lr as a float32 tensor
+        self._dirty = False  # whether the optimizer state may differ from zero (a step ran, or an import)
+        self._same_steps = True  # whether every variable has the same step count (see rates_of)
         if self.optimizer is not None:
             # one compiled call zeroes the whole optimizer state: one eager assign per slot variable
             # costs ~0.2 ms each, i.e. ~3 ms per step on resnet18 over an 8-step fit
-            state = [(v, 0) for v in [self.optimizer.iterations, *(v for slots in self.optimizer._state.values()
-                                                                     for v in slots)]]
+            lr_var = self.optimizer._learning_rate
+            state = [(v, 0) for v in self.optimizer.variables if v is not lr_var]
             if self.scaler is not None:
                 state += [(self.scaler.step_counter, 0), (self.scaler.dynamic_scale, self.scaler.initial_scale)]
 
@@ -445,21 +592,27 @@ class KerasTrainer(Trainer):
                     v.value.assign(tf.fill(v.shape, tf.cast(initial, v.dtype)))
 
             self._zero_state = tf.function(zero_state, input_signature=[], autograph=False)
-        self.reset(spec.seed, fresh=True)
 
-    def reset(self, seed: int, fresh: bool = False) -> None:
-        """Start a new ``fit`` with this (already compiled) step: fresh optimizer state (and loss
-        scale), random layers reseeded from ``seed``; ``compilations`` then counts this fit's traces
-        only. ``fresh``: the optimizer was just built (its state is already zero; nothing to trace)."""
-        if self._zero_state is not None and not fresh:
+    def reset(self, seed: int) -> None:
+        """Start a new run with this (possibly already compiled) step: zero optimizer state, step counts
+        and loss scale, random layers reseeded from ``seed``; ``compilations`` then counts this run's
+        traces only."""
+        if self._zero_state is not None and self._dirty:
             if isinstance(self._zero_state, tf.types.experimental.PolymorphicFunction):
                 self._zero_state = self._zero_state.get_concrete_function()  # traced on first reuse only
             self._zero_state()
+            self._dirty = False
+        self._same_steps = True
         seed_rngs(self.rng_vars, seed)
         self.compilations = 0
 
-    def _train_step(self, x, y, w=None):
-        """One step; returns the float32 outputs of its training forward pass."""
+    def resume(self) -> None:
+        """Continue the run: the weights, optimizer state, step counts, loss scale and seed states are
+        the Keras variables themselves (a ``load_state`` in between already wrote them)."""
+        self.compilations = 0
+
+    def _train_step(self, x, y, w, lr):
+        """One step at base rate ``lr``; returns the float32 outputs of its training forward pass."""
         self.compilations += 1  # runs once per trace
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             for v in self.variables:
@@ -471,6 +624,7 @@ class KerasTrainer(Trainer):
             if self.scaler is not None:
                 objective = self.scaler.scale_loss(objective)
         if self.optimizer is not None:
+            self.optimizer.learning_rate.assign(lr)  # inside the step: Keras passes it to update_step
             grads = tape.gradient(objective, [v.value for v in self.variables])
             if self.scaler is None:
                 self.optimizer.apply(grads, self.variables)
@@ -478,26 +632,77 @@ class KerasTrainer(Trainer):
                 self.scaler.apply(dense(grads), self.variables)
         return out
 
-    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-        """Train on one batch; return the outputs (logits) of its training forward pass (float32)."""
+    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> np.ndarray:
+        """Train on one batch at base rate ``lr``; return the outputs (logits) of its training forward
+        pass (float32)."""
         x = self.to_inputs(x)
-        args = (x, y) if w is None else (x, y, w)
-        key = (structure_key(x), y.shape[1:], y.dtype, w is None)
+        if lr is not None and lr != self._lr:
+            self._lr, self._rate = lr, None
+        if self._rate is None:  # a tensor made once per rate: quicker than the call converting a number
+            self._rate = tf.constant(self._lr, tf.float32)
+        rate = self._rate
+        args = (x, y, rate) if w is None else (x, y, w, rate)
+        self._dirty = True
+        same = self._same_steps or not self.optimizer.uses_step if self.optimizer is not None else True
+        key = (structure_key(x), y.shape[1:], y.dtype, w is None, same)
         fn = self._fns.get(key)
         if fn is None:  # one trace per per-sample shape (and with or without w): the batch size is free
+            if self.optimizer is not None:
+                self.optimizer.__dict__["same_steps"] = same  # read while tracing
             signature = [signature_of(x), tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype))]
             if w is not None:
                 signature.append(tf.TensorSpec((None,), tf.float32))
+            signature.append(tf.TensorSpec((), tf.float32))
             # called as its concrete function: the signature is fixed, so the polymorphic function's
             # dispatch (cache lookup, binding) would only add ~0.15 ms of Python per step
             with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
-                train = self._train_step if w is not None else lambda x, y: self._train_step(x, y)
+                train = self._train_step if w is not None else lambda x, y, lr: self._train_step(x, y, None, lr)
                 fn = tf.function(train, input_signature=signature, jit_compile=self.jit_compile,
                                  autograph=False).get_concrete_function()
             self._fns[key] = fn
             with precision_errors(self.spec.precision):  # a missing kernel shows on the first run
                 return fn(*args).numpy()
         return fn(*args).numpy()
+
+    def export_state(self) -> dict:
+        slots: dict[str, dict] = {}
+        steps: dict[str, int] = {}
+        if self.optimizer is None:
+            return {"slots": slots, "steps": steps}
+        done = int(self.optimizer.iterations.numpy())
+        offsets = self.optimizer.step_offsets.numpy()
+        for i, t in enumerate(self.tensors):
+            steps[t.name] = done + int(offsets[i])
+            slots[t.name] = {} if steps[t.name] == 0 else {  # no state before its first update, as torch
+                name: _to_state(self.optimizer._state[name][i].numpy(), t.perm) for name in self.optimizer.slot_names()}
+        return {"slots": slots, "steps": steps}
+
+    def import_state(self, state: dict) -> None:
+        if self.optimizer is None:
+            return
+        steps = np.array([int(state.get("steps", {}).get(t.name, 0)) for t in self.tensors], np.int64)
+        done = int(steps.min())  # Keras' iterations: the fewest steps; the offsets the rest (often all 0)
+        offsets = steps - done
+        values = []  # every value checked before any is written
+        for i, t in enumerate(self.tensors):
+            given = state.get("slots", {}).get(t.name) or {}
+            for name in self.optimizer.slot_names():
+                var = self.optimizer._state[name][i]
+                value = given.get(name)
+                values.append((var, np.zeros(var.shape, var.dtype) if value is None else
+                               _from_state(value, t.perm, var.shape, f"{t.name}/{name}")))
+        for var, value in values:
+            var.assign(value)
+        self.optimizer.iterations.assign(done)
+        self.optimizer.step_offsets.assign(offsets)
+        self._same_steps = not offsets.any()
+        self._dirty = True
+
+    def applied_lr(self) -> dict[str, float]:
+        if self.optimizer is None:
+            return {}
+        group = self.optimizer.group_lr.numpy()
+        return {t.name: float(group[g]) for t, g in zip(self.tensors, self.optimizer.group_of)}
 
     def optimizer_state_bytes(self) -> int:
         if self.optimizer is None:
@@ -509,35 +714,71 @@ class KerasTrainer(Trainer):
 _traces = [0]  # traces of shared steps so far (a list: updated from inside traced functions)
 
 
+def shared_step_key(spec: TrainSpec, rates: list[tuple[float, float]]) -> tuple:
+    """What a shared step's trace depends on besides the model's structure: the spec without its seed
+    and learning rate (an argument of the step) and with the plan resolved to the variables' rates
+    (the step's constants), so fits at other rates or schedules reuse it."""
+    opt = replace(spec.optimizer, lr=1.0, lr_mult=None, no_decay=None)
+    return (replace(spec, seed=0, params=None, optimizer=opt), tuple(rates))
+
+
 class SharedStepTrainer(Trainer):
     """A step that takes the weights, the random-seed states and the optimizer state as values and
     returns the new ones, compiled once per process for every model with the same ``key``.
 
     Used for a head trained on cached features (``key`` = head spec and input shape): a new model
     with the same head then trains without a new trace. The values stay in tensors between steps;
-    :meth:`finish` writes them back to the model's variables. The update rules are the optimizer's
-    :meth:`TorchRuleOptimizer.rule`, as in :class:`KerasTrainer`, so both steps compute the same.
+    :meth:`finish` writes them back to the model's variables and :meth:`resume` reads them again. The
+    update rules are the optimizer's :meth:`TorchRuleOptimizer.rule` with the same :class:`Rate`\\ s, as
+    in :class:`KerasTrainer`, so both steps compute the same.
+
+    Args:
+        model: the head's ``keras.Model``.
+        tensors: its tensors (``freeze.Tensor``), to name and lay out the optimizer state.
+        rng_vars: ``(key, seed state)`` of its random layers.
+        spec: the training spec.
+        key: the model's structure (with the rates and the spec, see :func:`shared_step_key`).
+        prefix: prepended to the tensor names to look up their rates (see :func:`param_rates`).
     """
 
-    def __init__(self, model: keras.Model, rng_vars: list, spec: TrainSpec, key: tuple):
-        self.model, self.spec, self.key, self.rng_vars = model, spec, key, rng_vars
-        self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm)  # for its rule; holds no state
-        self._trainable = list(model.trainable_variables)
+    def __init__(self, model: keras.Model, tensors: list, rng_vars: list, spec: TrainSpec, key: tuple,
+                 prefix: str = ""):
+        self.model, self.spec, self.rng_vars = model, spec, rng_vars
+        self._trainable = list(model.trainable_variables)  # stateless_call's order
         self._non_trainable = list(model.non_trainable_variables)
-        self.reset(spec.seed)
+        by_id = {id(t.variable): t for t in tensors}
+        self.tensors = [by_id[id(v)] for v in self._trainable]
+        rates = param_rates(spec, [t.name for t in self.tensors], prefix)
+        self.key = (*key, *shared_step_key(spec, rates))
+        self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm, rates)  # its rule; holds no state
+        self._lr = float(spec.optimizer.schedule.lr_at(0))
+        self._start(zero=True)
+
+    def _start(self, zero: bool) -> None:
+        """Read the model's current values; with ``zero``, zero optimizer state and step counts too."""
+        self.weights = [tf.convert_to_tensor(v) for v in self._trainable]
+        self.states = [tf.convert_to_tensor(v) for v in self._non_trainable]
+        if zero:
+            self.slots = [{n: tf.zeros_like(w) for n in self.optimizer.slot_names()} for w in self.weights]
+            self.iteration = tf.constant(0, tf.int64)
+            self.offsets = tf.zeros((len(self.weights),), tf.int64)
+            self._same_steps = True
+            self.group_lr = tf.constant(np.asarray(self.optimizer.multipliers) * self._lr, tf.float64)
+        self.compilations = 0
 
     def reset(self, seed: int) -> None:
         """Start from the model's current values, with zero optimizer state and reseeded random layers."""
         seed_rngs(self.rng_vars, seed)
-        self.weights = [tf.convert_to_tensor(v) for v in self._trainable]
-        self.states = [tf.convert_to_tensor(v) for v in self._non_trainable]
-        self.slots = [{n: tf.zeros_like(w) for n in self.optimizer.slot_names()} for w in self.weights]
-        self.iteration = tf.constant(0, tf.int64)
-        self.compilations = 0
+        self._start(zero=True)
 
-    def _pure_step(self, x, y, w, weights, states, slots, iteration):
+    def resume(self) -> None:
+        """Continue: the optimizer state and step counts as they are; the weights and the other values
+        (BatchNorm statistics, seed states) read again from the model, where :meth:`finish` left them
+        (or a ``load_state`` since)."""
+        self._start(zero=False)
+
+    def _pure_step(self, x, y, w, lr, weights, states, slots, iteration, offsets, same: bool):
         _traces[0] += 1
-        step = tf.cast(iteration + 1, tf.float32)
         with tf.GradientTape() as tape:
             tape.watch(weights)
             out, states, extra = self.model.stateless_call(weights, states, x, training=True, return_losses=True)
@@ -547,65 +788,80 @@ class SharedStepTrainer(Trainer):
         grads = dense(tape.gradient(objective, weights))
         if self.spec.clip_grad_norm is not None:
             grads = clip_by_global_norm(grads, self.spec.clip_grad_norm)
-        updated = [self.optimizer.rule(w, g, slot, step) for w, g, slot in zip(weights, grads, slots)]
-        return (out, [u[0] for u in updated], states, [u[1] for u in updated], iteration + 1)
+        group, rates = self.optimizer.rates_of(lr, iteration, offsets, same)
+        updated = [self.optimizer.rule(w, g, slot, rate) for w, g, slot, rate in zip(weights, grads, slots, rates)]
+        return (out, [u[0] for u in updated], states, [u[1] for u in updated], iteration + 1, group)
 
-    def _pure_steps(self, x, y, w, batches, weights, states, slots, iteration):
-        """One step per row of ``batches`` (indices into ``x``, ``y`` and ``w``; ``w`` may be None),
-        in a graph loop; returns each step's outputs stacked, ``(steps, batch, ...)``."""
+    def _pure_steps(self, x, y, w, batches, lrs, weights, states, slots, iteration, offsets, group, same: bool):
+        """One step per row of ``batches`` (indices into ``x``, ``y`` and ``w``; ``w`` may be None) at
+        the base rates ``lrs``, in a graph loop; returns each step's outputs stacked, ``(steps, batch,
+        ...)``, and the new values. ``same``: every variable has the same step count."""
         n = tf.shape(batches)[0]
 
-        def body(i, weights, states, slots, iteration, outs):
+        def body(i, weights, states, slots, iteration, group, outs):
             ids = batches[i]
-            out, weights, states, slots, iteration = self._pure_step(
-                tf.gather(x, ids), tf.gather(y, ids), None if w is None else tf.gather(w, ids),
-                weights, states, slots, iteration)
-            return i + 1, weights, states, slots, iteration, outs.write(i, out)
+            out, weights, states, slots, iteration, group = self._pure_step(
+                tf.gather(x, ids), tf.gather(y, ids), None if w is None else tf.gather(w, ids), lrs[i],
+                weights, states, slots, iteration, offsets, same)
+            return i + 1, weights, states, slots, iteration, group, outs.write(i, out)
 
         outs = tf.TensorArray(tf.float32, size=n)
-        _, weights, states, slots, iteration, outs = tf.while_loop(
-            lambda i, *_: i < n, body, [tf.constant(0), weights, states, slots, iteration, outs])
-        return outs.stack(), weights, states, slots, iteration
+        _, weights, states, slots, iteration, group, outs = tf.while_loop(
+            lambda i, *_: i < n, body, [tf.constant(0), weights, states, slots, iteration, group, outs])
+        return outs.stack(), weights, states, slots, iteration, group
 
     def _function(self, x: np.ndarray, y: np.ndarray, weighted: bool):
+        same = self._same_steps or not self.optimizer.uses_step
+
         def make():
             spec = lambda t: tf.TensorSpec(t.shape, t.dtype)  # noqa: E731
             signature = [tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
                          tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
                          *([tf.TensorSpec((None,), tf.float32)] if weighted else []),
-                         tf.TensorSpec((None, None), tf.int64),
+                         tf.TensorSpec((None, None), tf.int64), tf.TensorSpec((None,), tf.float32),
                          [spec(w) for w in self.weights], [spec(v) for v in self.states],
                          [{n: spec(v) for n, v in slot.items()} for slot in self.slots],
-                         tf.TensorSpec((), tf.int64)]
-            pure = self._pure_steps if weighted else \
-                lambda x, y, *rest: self._pure_steps(x, y, None, *rest)
+                         tf.TensorSpec((), tf.int64), spec(self.offsets), spec(self.group_lr)]
+            pure = (lambda *args: self._pure_steps(*args, same=same)) if weighted else \
+                (lambda x, y, *rest: self._pure_steps(x, y, None, *rest, same=same))
             return tf.function(pure, input_signature=signature, autograph=False)
 
-        return shared(("steps", self.key, x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str, weighted), make)
+        return shared(("steps", self.key, x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str, weighted, same), make)
 
-    def _run(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None, batches: np.ndarray) -> np.ndarray:
-        """The steps of ``batches`` in one call; their outputs stacked, ``(steps, batch, ...)``."""
+    def _run(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None, batches: np.ndarray,
+             lrs: list[float]) -> np.ndarray:
+        """The steps of ``batches`` at base rates ``lrs`` in one call; their outputs stacked, ``(steps,
+        batch, ...)``."""
         before = _traces[0]
         args = (x, y) if w is None else (x, y, w)
         with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
-            outs, self.weights, self.states, self.slots, self.iteration = self._function(x, y, w is not None)(
-                *args, batches, self.weights, self.states, self.slots, self.iteration)
+            outs, self.weights, self.states, self.slots, self.iteration, self.group_lr = \
+                self._function(x, y, w is not None)(*args, batches, np.asarray(lrs, np.float32), self.weights,
+                                                     self.states, self.slots, self.iteration, self.offsets,
+                                                     self.group_lr)
         self.compilations += _traces[0] - before
         return outs.numpy()
 
-    def step(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-        return self._run(x, y, w, np.arange(len(x))[None])[0]
+    def step(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> np.ndarray:
+        if lr is None:
+            lr = self._lr
+        else:
+            self._lr = lr
+        return self._run(x, y, w, np.arange(len(x))[None], [lr])[0]
 
     def epoch(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None, batches: list,
-              on_step=lambda n: None) -> list[np.ndarray]:
+              on_step=lambda n: None, lrs: list[float] | None = None) -> list[np.ndarray]:
         """The whole epoch in one call (the full batches in one graph loop, a shorter last batch in a
         second call): a head on cached features is so small that calling a step costs more than running
         it. Returns each step's outputs."""
         ids = [np.arange(len(x))[b] for b in batches]
+        lrs = [self._lr] * len(ids) if lrs is None else list(lrs)
+        if lrs:
+            self._lr = lrs[-1]
         full = [i for i in ids if len(i) == len(ids[0])]
-        outs = list(self._run(x, y, w, np.stack(full)))
+        outs = list(self._run(x, y, w, np.stack(full), lrs[:len(full)]))
         if len(full) < len(ids):
-            outs.append(self._run(x, y, w, ids[-1][None])[0])
+            outs.append(self._run(x, y, w, ids[-1][None], lrs[len(full):])[0])
         on_step(len(ids))
         return outs
 
@@ -613,6 +869,34 @@ class SharedStepTrainer(Trainer):
         for var, value in zip(self._trainable + self._non_trainable, self.weights + self.states):
             var.assign(value)
 
+    def export_state(self) -> dict:
+        done = int(self.iteration.numpy())
+        offsets = self.offsets.numpy()
+        slots: dict[str, dict] = {}
+        steps: dict[str, int] = {}
+        for i, t in enumerate(self.tensors):
+            steps[t.name] = done + int(offsets[i])
+            slots[t.name] = {} if steps[t.name] == 0 else {
+                name: _to_state(value.numpy(), t.perm) for name, value in self.slots[i].items()}
+        return {"slots": slots, "steps": steps}
+
+    def import_state(self, state: dict) -> None:
+        steps = np.array([int(state.get("steps", {}).get(t.name, 0)) for t in self.tensors], np.int64)
+        done = int(steps.min())  # as KerasTrainer.import_state
+        slots = []
+        for t, w in zip(self.tensors, self.weights):
+            given = state.get("slots", {}).get(t.name) or {}
+            slots.append({name: tf.zeros_like(w) if given.get(name) is None else
+                          tf.constant(_from_state(given[name], t.perm, w.shape, f"{t.name}/{name}"), w.dtype)
+                          for name in self.optimizer.slot_names()})
+        self.slots, self.iteration, self.offsets = slots, tf.constant(done, tf.int64), tf.constant(steps - done)
+        self._same_steps = not (steps - done).any()
+
+    def applied_lr(self) -> dict[str, float]:
+        group = self.group_lr.numpy()
+        return {t.name: float(group[g]) for t, g in zip(self.tensors, self.optimizer.group_of)}
+
     def optimizer_state_bytes(self) -> int:
         slots = sum(int(np.prod(v.shape)) * v.dtype.size for slot in self.slots for v in slot.values())
-        return slots + 8 + 4  # as KerasTrainer: int64 step counter and float32 learning rate
+        # as KerasTrainer: int64 step counter, float32 learning rate, an int64 step offset per tensor
+        return slots + 8 + 4 + 8 * len(self.weights)

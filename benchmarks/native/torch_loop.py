@@ -12,6 +12,44 @@ from tlcore.data import num_samples, take
 from ..workloads import CLIP, LR, PARTIAL_UP_TO
 
 
+class NativeRecipe:
+    """The recipe by hand in PyTorch: AdamW with one param group per (layer-decay multiplier, decay),
+    the cosine rate set on every group before every step, as a user would write it."""
+
+    def __init__(self, model, total: int):
+        from ..worker import recipe_optimizer
+
+        spec = recipe_optimizer(model, total)
+        self.net, self.schedule, self.step = model.native, spec.schedule, 0
+        plan = {n: (m, wd) for n, _, m, wd in tl_groups(spec, model).entries}
+        params = dict(model._params())
+        groups = {}
+        for name, p in params.items():
+            groups.setdefault(plan[name], []).append(p)
+        self.opt = torch.optim.AdamW([{"params": ps, "mult": m, "weight_decay": wd} for (m, wd), ps in groups.items()],
+                                     lr=LR, foreach=True)
+
+    def train_epoch(self, x, y: np.ndarray, batch: int) -> float:
+        self.net.train()
+        for i in range(0, num_samples(x), batch):
+            lr = float(self.schedule.lr_at(self.step))
+            for g in self.opt.param_groups:
+                g["lr"] = lr * g["mult"]
+            args, kwargs = to_torch(take(x, slice(i, i + batch)))
+            loss = F.cross_entropy(logits(self.net(*args, **kwargs)), torch.from_numpy(y[i:i + batch]))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+        return float(loss.detach())
+
+
+def tl_groups(spec, model):
+    from tlcore.groups import plan_params
+
+    return plan_params(spec, model)
+
+
 def to_torch(x):
     """A batch as the network takes it: NHWC images to NCHW, or token arrays as keyword tensors."""
     if isinstance(x, dict):

@@ -43,7 +43,10 @@ def hlo_conv_count(text: str) -> int:
 
 
 def trainer_for(model: tl.Model, optimizer=None, clip=None, seed=0):
-    return model._make_trainer(TrainSpec(optimizer or tl.optim.Adam(lr=1e-2), CrossEntropy(), clip, seed))
+    """A trainer started as the core starts a run."""
+    trainer = model._make_trainer(TrainSpec(optimizer or tl.optim.Adam(lr=1e-2), CrossEntropy(), clip, seed))
+    trainer.reset(seed)
+    return trainer
 
 
 def fit(model, x, y, **kw):
@@ -153,10 +156,16 @@ def test_naive_zeroed_gradients_with_clipping_would_be_caught():
 
 def test_optimizer_state_only_for_trainable_parameters():
     ft = reference_finetune("jax")
-    head_bytes = sum(v.nbytes for n, v in ft.state().items() if ft.trainable_mask()[n] and "rngs" not in n)
-    assert trainer_for(ft, tl.optim.Adam(lr=1e-3)).optimizer_state_bytes() == 2 * head_bytes + 4  # + step count
-    assert trainer_for(ft, tl.optim.SGD(lr=0.1)).optimizer_state_bytes() == 0
-    assert trainer_for(ft, tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-2)).optimizer_state_bytes() == head_bytes
+    head = [n for n in ft.state() if ft.trainable_mask()[n] and "rngs" not in n]
+    head_bytes = sum(ft.state()[n].nbytes for n in head)
+    scalars = 8 * len(head)  # per parameter: its step count (int32) and its last learning rate (float32)
+    assert trainer_for(ft, tl.optim.Adam(lr=1e-3)).optimizer_state_bytes() == 2 * head_bytes + scalars
+    assert trainer_for(ft, tl.optim.SGD(lr=0.1)).optimizer_state_bytes() == scalars
+    sgd = tl.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    assert trainer_for(ft, sgd).optimizer_state_bytes() == head_bytes + scalars
+    unstarted = ft._make_trainer(TrainSpec(sgd))
+    assert unstarted.optimizer_state_bytes() == head_bytes + scalars, "what it will hold, without starting it"
+    assert not unstarted.started
 
 
 class Tied(nnx.Module):

@@ -43,7 +43,10 @@ def compute_dtypes(jaxpr) -> set[str]:
 
 
 def trainer_for(model: tl.Model, precision: str, optimizer=None):
-    return model._make_trainer(TrainSpec(optimizer or tl.optim.Adam(lr=1e-2), precision=precision))
+    """A trainer started as the core starts a run."""
+    trainer = model._make_trainer(TrainSpec(optimizer or tl.optim.Adam(lr=1e-2), precision=precision))
+    trainer.reset(0)
+    return trainer
 
 
 def float_dtypes(tree) -> set[str]:

@@ -241,13 +241,14 @@ def test_each_fit_traces_its_step_once_for_the_current_trainable_set():
 
 
 def test_reused_step_restarts_optimizer_state_and_seeds():
-    """A reused compiled step must train exactly like a fresh one (state reset, dropout reseeded)."""
+    """A reused compiled step started afresh (``reset=True``) must train exactly like a fresh one
+    (state zeroed, dropout reseeded)."""
     x, y = sample_data(reference_finetune("keras"), n=40)
     kw = dict(batch_size=16, optimizer=tl.optim.Adam(lr=1e-2), progress=False, cache_features=False, seed=5)
     warm = reference_finetune("keras", tl.FreezePolicy.up_to("bn1"))
     warm.fit(x, y, **kw)
     start = tl.snapshot(warm)
-    assert warm.fit(x, y, **kw).info["compilations"] == 0
+    assert warm.fit(x, y, reset=True, **kw).info["compilations"] == 0
     fresh = reference_finetune("keras", tl.FreezePolicy.up_to("bn1"))
     fresh.load_state(start)
     assert fresh.fit(x, y, **kw).info["compilations"] == 1
@@ -272,7 +273,8 @@ def test_optimizer_state_bytes_cover_only_trainable_weights():
     trainable = ft.trainable_variables()
     trainer = ft._make_trainer(tl.optim.TrainSpec(tl.optim.Adam(lr=1e-3)))
     moments = 2 * sum(int(np.prod(v.shape)) * 4 for v in trainable)
-    assert trainer.optimizer_state_bytes() == moments + 8 + 4  # int64 iterations + float32 learning rate
+    # int64 iterations + float32 learning rate + an int64 step offset per tensor (per-tensor step counts)
+    assert trainer.optimizer_state_bytes() == moments + 8 + 4 + 8 * len(trainable)
     assert len(trainable) == 4  # head.fc0 and head.out kernels and biases
 
 
@@ -521,7 +523,7 @@ def test_trainable_embedding_takes_every_optimizer_with_pytorchs_dense_semantics
         t_fc.weight.copy_(torch.from_numpy(kernel.T))
         t_fc.bias.copy_(torch.from_numpy(bias))
     params = [t_emb.weight, t_fc.weight, t_fc.bias]
-    kw = {k: v for k, v in spec.to_dict().items() if k not in ("kind", "alpha")}
+    kw = {k: v for k, v in spec.to_dict().items() if k not in ("kind", "alpha", "lr_mult", "no_decay")}
     opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
            "rmsprop": lambda p, **k: torch.optim.RMSprop(p, alpha=spec.alpha, **k)}[spec.kind](params, **kw)
     for _ in range(2):

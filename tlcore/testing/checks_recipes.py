@@ -73,13 +73,13 @@ def check_layer_decay_and_no_decay_steps_match_numpy_reference(backend):
     no_decay="1d" (the bias without decay), AdamW (decoupled decay at each group's own rate)."""
     lr, wd = 0.05, 0.1
     ft = head_on_pooled_features(backend, 3)
-    groups = tl.LayerGroups([r"weight$", r"bias$"])
+    groups = tl.LayerGroups([r"weight$|kernel$|scale$|gamma$", r"bias$|beta$"])  # every backend's names
     opt = tl.optim.AdamW(lr=lr, weight_decay=wd, lr_mult=tl.LayerDecay(0.5, groups), no_decay="1d")
     rng = np.random.default_rng(1)
     x = rng.normal(size=(N, *ft.input_shape)).astype(np.float32)
     y = rng.integers(0, 3, N)
     table = ft.describe_groups(opt)
-    assert "0.5" in table and "weight$" in table and "(no_decay)" in table  # the 1-d BatchNorm weights
+    assert "0.5" in table and "kernel$" in table and "(no_decay)" in table  # the 1-d BatchNorm weights
     feats = ft.features(x).astype(np.float64)
     state = ft.state()
     params = {"weight": state["head.out.weight"].astype(np.float64), "bias": state["head.out.bias"].astype(np.float64)}
