@@ -146,6 +146,14 @@ def _blocks(layers: Sequence[str], head: str | None) -> list[str]:
     return out
 
 
+def _check_factor(owner: str, name: str, value: Any, groups: Any) -> float:
+    if not isinstance(groups, LayerGroups):
+        raise LayerGroupsError(f"{owner} takes tl.LayerGroups, got {type(groups).__name__}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 < float(value) <= 1.0:
+        raise LayerGroupsError(f"{owner}: {name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class LayerDecay:
     """Multiplier ``decay ** (G - 1 - i)`` for group ``i`` of ``G`` (the last group trains at 1)."""
@@ -154,12 +162,7 @@ class LayerDecay:
     groups: LayerGroups
 
     def __post_init__(self) -> None:
-        if not isinstance(self.groups, LayerGroups):
-            raise LayerGroupsError(f"LayerDecay takes tl.LayerGroups, got {type(self.groups).__name__}")
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float, np.floating)) \
-                or not 0.0 < float(self.decay) <= 1.0:
-            raise LayerGroupsError(f"LayerDecay: decay must be in (0, 1], got {self.decay!r}")
-        object.__setattr__(self, "decay", float(self.decay))
+        object.__setattr__(self, "decay", _check_factor("LayerDecay", "decay", self.decay, self.groups))
 
     def multipliers(self) -> tuple[float, ...]:
         g = len(self.groups)
@@ -174,12 +177,7 @@ class Discriminative:
     groups: LayerGroups
 
     def __post_init__(self) -> None:
-        if not isinstance(self.groups, LayerGroups):
-            raise LayerGroupsError(f"Discriminative takes tl.LayerGroups, got {type(self.groups).__name__}")
-        if isinstance(self.lo, bool) or not isinstance(self.lo, (int, float, np.floating)) \
-                or not 0.0 < float(self.lo) <= 1.0:
-            raise LayerGroupsError(f"Discriminative: lo must be in (0, 1], got {self.lo!r}")
-        object.__setattr__(self, "lo", float(self.lo))
+        object.__setattr__(self, "lo", _check_factor("Discriminative", "lo", self.lo, self.groups))
 
     def multipliers(self) -> tuple[float, ...]:
         g = len(self.groups)

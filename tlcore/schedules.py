@@ -106,56 +106,55 @@ def _warmup(s: np.ndarray, warmup: int, peak: float, rest: np.ndarray) -> np.nda
 
 
 @dataclass(frozen=True)
-class Linear(Schedule):
+class _Peaked(Schedule):
+    """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then :meth:`_decay` down to
+    ``final_lr`` at ``total_steps``."""
+
+    peak_lr: float = 1e-3
+    total_steps: int = 1000
+    warmup_steps: int = 0
+    final_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        object.__setattr__(self, "peak_lr", _number(name, "peak_lr", self.peak_lr))
+        object.__setattr__(self, "final_lr", _number(name, "final_lr", self.final_lr))
+        object.__setattr__(self, "total_steps", _steps(name, "total_steps", self.total_steps, 1))
+        object.__setattr__(self, "warmup_steps", _steps(name, "warmup_steps", self.warmup_steps))
+        if self.total_steps <= self.warmup_steps:
+            raise ScheduleError(f"{name}: total_steps ({self.total_steps}) must be greater than warmup_steps "
+                                f"({self.warmup_steps})")
+        self._check_table()
+
+    def _decay(self, p: np.ndarray) -> np.ndarray:
+        """The rate after warmup at progress ``p`` in [0, 1]."""
+        raise NotImplementedError
+
+    def _rates(self, s: np.ndarray) -> np.ndarray:
+        p = np.clip((s - self.warmup_steps) / (self.total_steps - self.warmup_steps), 0.0, 1.0)
+        return _warmup(s, self.warmup_steps, self.peak_lr, self._decay(p))
+
+
+@dataclass(frozen=True)
+class Linear(_Peaked):
     """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then linear decay to ``final_lr`` at
     ``total_steps`` (as ``transformers.get_linear_schedule_with_warmup`` with a final rate)."""
 
     kind: ClassVar[str] = "linear"
-    peak_lr: float = 1e-3
-    total_steps: int = 1000
-    warmup_steps: int = 0
-    final_lr: float = 0.0
 
-    def __post_init__(self) -> None:
-        _check_peak_schedule(self)
-
-    def _rates(self, s: np.ndarray) -> np.ndarray:
-        span = self.total_steps - self.warmup_steps
-        p = np.clip((s - self.warmup_steps) / span, 0.0, 1.0)
-        return _warmup(s, self.warmup_steps, self.peak_lr, self.peak_lr + (self.final_lr - self.peak_lr) * p)
+    def _decay(self, p: np.ndarray) -> np.ndarray:
+        return self.peak_lr + (self.final_lr - self.peak_lr) * p
 
 
 @dataclass(frozen=True)
-class Cosine(Schedule):
+class Cosine(_Peaked):
     """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then half a cosine down to
     ``final_lr`` at ``total_steps``."""
 
     kind: ClassVar[str] = "cosine"
-    peak_lr: float = 1e-3
-    total_steps: int = 1000
-    warmup_steps: int = 0
-    final_lr: float = 0.0
 
-    def __post_init__(self) -> None:
-        _check_peak_schedule(self)
-
-    def _rates(self, s: np.ndarray) -> np.ndarray:
-        span = self.total_steps - self.warmup_steps
-        p = np.clip((s - self.warmup_steps) / span, 0.0, 1.0)
-        cos = self.final_lr + (self.peak_lr - self.final_lr) * 0.5 * (1.0 + np.cos(np.pi * p))
-        return _warmup(s, self.warmup_steps, self.peak_lr, cos)
-
-
-def _check_peak_schedule(s: Schedule) -> None:
-    name = type(s).__name__
-    object.__setattr__(s, "peak_lr", _number(name, "peak_lr", s.peak_lr))
-    object.__setattr__(s, "final_lr", _number(name, "final_lr", s.final_lr))
-    object.__setattr__(s, "total_steps", _steps(name, "total_steps", s.total_steps, 1))
-    object.__setattr__(s, "warmup_steps", _steps(name, "warmup_steps", s.warmup_steps))
-    if s.total_steps <= s.warmup_steps:
-        raise ScheduleError(f"{name}: total_steps ({s.total_steps}) must be greater than warmup_steps "
-                            f"({s.warmup_steps})")
-    s._check_table()
+    def _decay(self, p: np.ndarray) -> np.ndarray:
+        return self.final_lr + (self.peak_lr - self.final_lr) * 0.5 * (1.0 + np.cos(np.pi * p))
 
 
 @dataclass(frozen=True)
