@@ -21,10 +21,10 @@ _EXPORTS = {
     "BackendNotFoundError": "errors", "CheckpointError": "errors", "CutError": "errors", "DataError": "errors",
     "FreezePolicyError": "errors", "FrozenWeightsChanged": "errors", "LayerNotFoundError": "errors",
     "OptimizerConfigError": "errors", "TlcoreError": "errors", "UnsupportedModelError": "errors",
-    "ZooError": "errors",
+    "ZooError": "errors", "TrainingDiverged": "errors", "FitInProgressError": "errors",
     "Snapshot": "check", "assert_frozen": "check", "changed_tensors": "check", "snapshot": "check",
     "LayerCut": "cut", "FreezePolicy": "freeze", "Head": "head", "HeadError": "head",
-    "finetune": "workflow", "wrap": "workflow", "load": "workflow",
+    "finetune": "workflow", "wrap": "workflow", "load": "workflow", "resume": "resumable",
     "FeatureCacheRefused": "model", "HeadNotBuiltError": "model", "History": "model", "Model": "model", "Summary": "model",
     "available_backends": "registry", "get_backend": "registry",
     "LayerGroups": "groups", "LayerDecay": "groups", "Discriminative": "groups",
@@ -58,8 +58,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .check import Snapshot, assert_frozen, changed_tensors, snapshot  # noqa: F401
     from .cut import LayerCut  # noqa: F401
     from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError,  # noqa: F401
-                         FreezePolicyError, FrozenWeightsChanged, LayerNotFoundError, OptimizerConfigError,
-                         TlcoreError, UnsupportedModelError, ZooError)
+                         FitInProgressError, FreezePolicyError, FrozenWeightsChanged, LayerNotFoundError,
+                         OptimizerConfigError, TlcoreError, TrainingDiverged, UnsupportedModelError, ZooError)
+    from .resumable import resume  # noqa: F401
     from .workflow import finetune, load, wrap  # noqa: F401
     from .freeze import FreezePolicy  # noqa: F401
     from .head import Head, HeadError  # noqa: F401

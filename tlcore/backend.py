@@ -84,6 +84,9 @@ class Trainer(abc.ABC):
 
     #: how many times the step was compiled (traced) since the last reset; 0 where nothing compiles
     compilations: int = 0
+    #: set by a guarded step (``spec.guard``) whose loss or a gradient was not finite: ``"loss"`` or the
+    #: name of the first parameter whose gradient was not; None otherwise (reset by reset/resume)
+    nonfinite: str | None = None
 
     @abc.abstractmethod
     def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> Any:
@@ -98,19 +101,28 @@ class Trainer(abc.ABC):
         mean over outputs for binary cross entropy, MSE and Huber), ``d_i`` the class weight of sample
         ``i``'s label (cross entropy with integer labels and class weights) or 1
         (``tlcore.losses`` holds the numpy reference). ``lr``: this step's base learning rate (None:
-        the optimizer's ``lr`` when it is a number)."""
+        the optimizer's ``lr`` when it is a number).
+
+        With ``spec.guard``, a step whose loss or a gradient is not finite changes nothing (weights,
+        optimizer state and counters, BatchNorm statistics and other state the forward pass writes
+        stay as before it; random state may advance) and sets :attr:`nonfinite`; once it is set,
+        later steps change nothing either until the next ``reset``/``resume``. A step interrupted by
+        Ctrl-C (``KeyboardInterrupt``) leaves the model as the last completed step did."""
 
     def epoch(self, x: Any, y: np.ndarray, w: np.ndarray | None, batches: list,
               on_step: Callable[[int], Any] = lambda n: None, lrs: list[float] | None = None) -> list[Any]:
         """Train on the rows ``b`` of ``x``, ``y`` and ``w`` for each ``b`` of ``batches`` in turn, at
-        the base rates ``lrs``, calling ``on_step(steps done)``; return each step's outputs. A trainer
-        may run the whole epoch in one compiled call instead."""
+        the base rates ``lrs``, calling ``on_step(steps done)``; return each step's outputs, stopping
+        after a step that set :attr:`nonfinite`. A trainer may run the whole epoch in one compiled call
+        instead."""
         from .data import take
 
         outs = []
         for i, b in enumerate(batches):
             outs.append(self.step(take(x, b), y[b], None if w is None else w[b], None if lrs is None else lrs[i]))
             on_step(1)
+            if self.nonfinite is not None:
+                break
         return outs
 
     @abc.abstractmethod
@@ -196,6 +208,14 @@ class ModelPrimitives(abc.ABC):
     def _verify_native(self) -> None:
         """Called at the start of every ``fit``: raise a named error if the native model was changed
         behind tlcore's back (e.g. its trainable flags) so that it no longer matches the mask."""
+
+    def _random_state(self) -> dict[str, np.ndarray]:
+        """Random-number state kept outside ``state()`` (PyTorch's generators), as uint8 arrays, for a
+        resumable training state (``tl.resume``); default: none (it is in ``state()``)."""
+        return {}
+
+    def _set_random_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`_random_state` gave (the next fit continues with it)."""
 
     def _check_inputs(self, x: Any) -> None:
         """Called on every ``x`` given to fit/predict/evaluate/features/build, before anything runs:

@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +47,7 @@ class Callback:
 
 
 def _mode(monitor: str, mode: str) -> str:
-    if mode not in ("auto", "min", "max"):
+    if not isinstance(mode, str) or mode not in ("auto", "min", "max"):
         raise CallbackError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
     if mode != "auto":
         return mode
@@ -56,7 +58,8 @@ class _Monitor(Callback):
     def __init__(self, monitor: str, mode: str, min_delta: float = 0.0):
         if not isinstance(monitor, str) or not monitor:
             raise CallbackError(f"monitor must be a log key such as 'val_loss', got {monitor!r}")
-        if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) or min_delta < 0:
+        if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not math.isfinite(min_delta) \
+                or min_delta < 0:
             raise CallbackError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
         self.monitor, self.mode, self.min_delta = monitor, _mode(monitor, mode), float(min_delta)
         self.monitors = (monitor,)
@@ -77,9 +80,9 @@ class EarlyStopping(_Monitor):
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
                  restore_best: bool = False):
         super().__init__(monitor, mode, min_delta)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 0:
             raise CallbackError(f"patience must be an int >= 0, got {patience!r}")
-        self.patience, self.restore_best = patience, bool(restore_best)
+        self.patience, self.restore_best = int(patience), _flag("restore_best", restore_best)
         self.wait, self.best_epoch, self.best_state, self.stopped_epoch = 0, None, None, None
 
     def on_train_begin(self, model: Model) -> None:
@@ -111,7 +114,9 @@ class ModelCheckpoint(_Monitor):
         super().__init__(monitor, mode)
         if not save_best_only:
             self.monitors = ()
-        self.path, self.save_best_only = str(path), bool(save_best_only)
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise CallbackError(f"path must be a file path (str or pathlib.Path), got {path!r}")
+        self.path, self.save_best_only = str(path), _flag("save_best_only", save_best_only)
         self.saved: list[str] = []
 
     def on_train_begin(self, model: Model) -> None:
@@ -129,9 +134,22 @@ class ModelCheckpoint(_Monitor):
         return False
 
 
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":  # numpy's bool
+        raise CallbackError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_callbacks(callbacks: Any, keys: list[str]) -> list[Callback]:
-    """The callbacks, checked: each a :class:`Callback` whose monitored keys ``fit`` reports."""
-    callbacks = list(callbacks or ())
+    """The callbacks, checked: each a :class:`Callback` whose monitored keys ``fit`` reports (one
+    callback alone is taken as a list of one)."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+        raise CallbackError(f"callbacks takes a list of tl.callbacks.Callback objects, got {type(callbacks).__name__}")
+    callbacks = list(callbacks)
     for cb in callbacks:
         if not isinstance(cb, Callback):
             raise CallbackError(f"callbacks take tl.callbacks.Callback objects, got {type(cb).__name__}")

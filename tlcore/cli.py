@@ -82,24 +82,29 @@ def cmd_demo(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    """Print what a checkpoint holds; a bad file (missing, corrupted, foreign, or with metadata that
+    ``tl.load`` would refuse) is one error line and exit status 2."""
     from tlcore.checkpoint import read
+    from tlcore.workflow import check_record
 
     tensors, meta = read(args.path)
-    trainable = meta.get("trainable", {})
+    record = check_record(meta, args.path, tensors)
+    trainable = record["trainable"]
     sizes = {k: int(v.size) for k, v in tensors.items()}
     n_train = sum(s for k, s in sizes.items() if trainable.get(k))
     print(f"checkpoint   {args.path}")
-    print(f"architecture {meta.get('arch') or 'wrapped native model'}  config={json.dumps(meta.get('config'))}")
-    if meta.get("pretrained"):
-        print(f"pretrained   {meta['pretrained']}")
-    for i, step in enumerate(meta.get("steps", []), 1):
-        print(f"finetune #{i}  cut after {step['cut'] or '(nothing cut)'}; head {step['head_name'] or '-'} "
-              f"{json.dumps(step['head']) if step['head'] else ''}")
-    print(f"policy       {meta['policy']}")
-    print(f"saved from   {meta['backend']} {json.dumps(meta.get('versions', {}))}; input shape {meta.get('input_shape')}")
+    print(f"architecture {record['arch'] or 'wrapped native model'}  config={json.dumps(meta.get('config'))}")
+    if record["pretrained"]:
+        print(f"pretrained   {record['pretrained']}")
+    for i, step in enumerate(record["steps"], 1):
+        head = json.dumps(step["head"].to_dict()) if step["head"] else ("(own module)" if step["native_head"] else "")
+        print(f"finetune #{i}  cut after {step['cut'] or '(nothing cut)'}; head {step['head_name'] or '-'} {head}")
+    print(f"policy       {record['policy'].to_dict()}")
+    print(f"saved from   {record['backend']} {json.dumps(record['versions'])}; input shape "
+          f"{None if record['input_shape'] is None else list(record['input_shape'])}")
     print(f"tensors      {len(tensors)}: {sum(sizes.values()):,} values; trainable {n_train:,}, "
           f"frozen or non-trainable {sum(sizes.values()) - n_train:,}")
-    print("layers       " + ", ".join(meta.get("layers", [])))
+    print("layers       " + ", ".join(record["layers"]))
     return 0
 
 

@@ -36,6 +36,20 @@ def check_seed(seed, name: str = "seed") -> int:
     return int(seed)
 
 
+def as_float(value: numbers.Real) -> float:
+    """A number as a Python float; a numpy float16/float32 becomes the shortest decimal that is the same
+    number in its own precision (what was typed: ``np.float32(0.1)`` gives ``0.1``, not
+    ``0.10000000149011612``), so a spec built from numpy scalars equals one built from Python numbers.
+
+    Example:
+        >>> as_float(np.float32(0.1)), as_float(np.int64(3)), as_float(2.5)
+        (0.1, 3.0, 2.5)
+    """
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        return float(str(value))
+    return float(value)
+
+
 def check_input_shape(shape, name: str = "input_shape") -> tuple[int | None, ...] | None:
     """A per-sample input shape as a tuple of ints >= 1 (None for a size that may vary), or None.
 
@@ -106,6 +120,8 @@ def _as_array(value: Any, name: str) -> np.ndarray:
             raise DataError(f"{name} must be a numeric array, got {type(value).__name__} of dtype {arr.dtype}: "
                             f"{e}") from None
     elif not isinstance(arr, np.memmap):
+        if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise DataError(f"{name} holds values up to {arr.max()}, beyond int64 (the integers models take)")
         arr = arr.astype(model_dtype(arr.dtype), copy=False)
     if arr.ndim == 0 or arr.shape[0] == 0:
         raise DataError(f"{name} is empty (shape {arr.shape}); give at least one sample")
@@ -207,9 +223,86 @@ def batch_slices(n: int, batch_size: int, shuffle: bool,
 
 
 def check_positive_int(name: str, value: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    """``value`` as an int >= 1 (numpy ints accepted, bools refused), else a :class:`DataError`.
+
+    Example:
+        >>> check_positive_int("epochs", np.int64(2))
+        2
+    """
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < 1:
         raise DataError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool (``np.bool_`` accepted), else a :class:`DataError`: ``"yes"`` or ``1`` would
+    be taken as true by Python, silently.
+
+    Example:
+        >>> check_bool("shuffle", np.bool_(False))
+        False
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise DataError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0) -> float:
+    """``value`` as a float strictly between ``low`` and ``high`` (numpy floats accepted), else a
+    :class:`DataError`.
+
+    Example:
+        >>> check_fraction("test_fraction", np.float32(0.25))
+        0.25
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not low < value < high:
+        raise DataError(f"{name} must be a number in ({low:g}, {high:g}), got {value!r}")
+    return float(value)
+
+
+def state_value(value: Any, like: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """``value`` converted to ``like``'s dtype for ``Model.load_state``, and ``""``; or ``(None, why)``
+    when that would not be the value given: not numeric, complex, NaN or infinite, too large for the
+    dtype (``1e40`` into float32, ``300`` into uint8), or not a whole number for an integer tensor.
+    ``like``'s shape is checked by the caller.
+
+    Example:
+        >>> state_value([1e40], np.zeros(1, np.float32))[1]
+        'has a value (1e+40) beyond the range of float32 (3.40282e+38)'
+        >>> state_value(np.array([1.5]), np.zeros(1, np.int64))[1]
+        'has values that are not whole numbers (e.g. 1.5) for an int64 tensor'
+    """
+    try:
+        arr = to_numpy(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        return None, f"is not a numeric array ({type(value).__name__}: {e})"
+    dtype, kind = like.dtype, arr.dtype.kind
+    if kind == "c":
+        return None, f"is complex ({arr.dtype}); tensors hold real numbers"
+    if kind not in "biuf":
+        return None, f"is not numeric (dtype {arr.dtype})"
+    if arr.size == 0:
+        return arr.astype(dtype), ""
+    if kind == "f":
+        finite = np.isfinite(arr)
+        if not finite.all():
+            nan = int(np.isnan(arr).sum())
+            return None, f"has {nan} NaN and {int(arr.size - finite.sum()) - nan} inf value(s)"
+    if dtype.kind == "f":
+        top = float(np.max(np.abs(arr.astype(np.float64))))
+        if top > float(np.finfo(dtype).max):
+            return None, f"has a value ({top:g}) beyond the range of {dtype} ({float(np.finfo(dtype).max):g})"
+    elif dtype.kind in "iub":
+        if kind == "f" and not np.array_equal(arr, np.trunc(arr)):
+            example = arr.flat[int(np.flatnonzero(arr != np.trunc(arr))[0])]
+            return None, f"has values that are not whole numbers (e.g. {example:g}) for an {dtype} tensor"
+        lo, hi = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+        low, high = arr.min(), arr.max()
+        low, high = (float(low), float(high)) if kind == "f" else (int(low), int(high))
+        if low < lo or high > hi:
+            bad = low if low < lo else high
+            return None, f"has a value ({bad:g}) out of the range of {dtype} ({lo} to {hi})"
+    return arr.astype(dtype), ""
 
 
 def __getattr__(name: str) -> Any:

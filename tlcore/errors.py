@@ -66,6 +66,27 @@ class CheckpointError(TlcoreError, ValueError):
     """A checkpoint file is missing, corrupted, not a tlcore checkpoint, or does not fit."""
 
 
+class TrainingDiverged(TlcoreError, FloatingPointError):
+    """A training step's loss or a gradient was not finite (NaN or inf); the model keeps the weights of
+    the last finite step.
+
+    Attributes:
+        epoch: the epoch (from 0) of the step; step: the optimizer step (from 0, counted over the run)
+        that went non-finite; tensor: ``"loss"`` or the name of the first parameter whose gradient did.
+    """
+
+    def __init__(self, epoch: int, step: int, tensor: str):
+        self.epoch, self.step, self.tensor = epoch, step, tensor
+        what = "the loss" if tensor == "loss" else f"the gradient of {tensor!r}"
+        super().__init__(f"training diverged at epoch {epoch}, step {step}: {what} is not finite (NaN or inf); "
+                         "the model keeps the weights of the last finite step (lower the learning rate, clip "
+                         "gradients with clip_grad_norm=..., check the data; fit(on_nonfinite='ignore') trains on)")
+
+
+class FitInProgressError(TlcoreError, RuntimeError):
+    """``fit`` was called on a model that another thread is training."""
+
+
 class ZooError(TlcoreError, LookupError):
     """An unknown zoo architecture or pretrained tag."""
 
@@ -93,3 +114,30 @@ def _listing(items: Iterable[str], limit: int = 40) -> str:
     if len(items) > limit:
         shown += f", ... ({len(items) - limit} more)"
     return shown or "(none)"
+
+
+class ZooConfigError(ZooError, ValueError):
+    """A zoo architecture option has the wrong type or is out of bounds (e.g. a float width, or a
+    configuration whose parameters would not fit in :data:`tlcore.zoo.MAX_PARAMS`)."""
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for messages about values that may be huge
+    (a list of a million sizes, a long string read from a file).
+
+    Example:
+        >>> short_repr(list(range(100)), limit=20)
+        '[0, 1, 2, 3, 4, 5, ...] (100 items)'
+    """
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 6
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlevel = 3
+    text = r.repr(value)
+    if len(text) > limit + 20:
+        text = text[:limit] + "..."
+    if isinstance(value, (list, tuple, dict)) and len(value) > 6:
+        text += f" ({len(value)} items)"
+    return text

@@ -20,12 +20,19 @@ Example:
 """
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .cut import in_layer, top_level_layer
-from .errors import FreezePolicyError, LayerNotFoundError, unknown_name_message
+from .errors import FreezePolicyError, LayerNotFoundError, short_repr, unknown_name_message
+
+try:  # the regex parser of the standard library (``sre_parse`` before Python 3.11)
+    from re import _constants as _sre, _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 #: Tensor kinds a backend reports. ``param``: trainable weight; ``bn_param``/``bn_stat``: BatchNorm
 #: affine parameter / moving statistic or counter; ``buffer``: constant state training never writes;
@@ -33,6 +40,70 @@ from .errors import FreezePolicyError, LayerNotFoundError, unknown_name_message
 KINDS = ("param", "bn_param", "bn_stat", "buffer", "rng")
 BN_MODES = ("frozen", "train")
 MODES = ("all", "none", "up_to", "matching")
+#: the longest regular expression ``FreezePolicy.matching`` takes
+MAX_REGEX_LENGTH = 256
+#: the most repeated parts (``*``, ``+``, ``{m,n}``) one expression may have
+MAX_REGEX_REPEATS = 3
+#: the longest layer name (or absolute index) ``FreezePolicy.up_to`` takes
+MAX_TARGET_LENGTH = 1024
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT} | ({_sre.POSSESSIVE_REPEAT} if hasattr(_sre, "POSSESSIVE_REPEAT") else set())
+
+
+def check_regex(pattern: str) -> None:
+    r"""Refuse a regular expression that could make ``re.search`` backtrack for a very long time.
+
+    Python's ``re`` backtracks and cannot be interrupted, so a pattern such as ``(.*.*)*Z`` (read from
+    a checkpoint, say) would hang on a long enough name. The rules, cheap and conservative: at most
+    :data:`MAX_REGEX_LENGTH` characters; no repeated group containing another repeat or an
+    alternation (nested quantifiers: exponential time); at most :data:`MAX_REGEX_REPEATS` repeats
+    (polynomial time of a low degree). Freeze patterns (``^layer[12]\.``, ``(conv|bn)\d+\.weight``)
+    need neither.
+
+    Raises:
+        FreezePolicyError: the pattern is not a string, is invalid, or breaks a rule (the message says which).
+
+    Example:
+        >>> check_regex(r"^(conv|bn)\d+\.")
+        >>> check_regex(r"(.*.*)*Z")
+        Traceback (most recent call last):
+        ...
+        tlcore.errors.FreezePolicyError: FreezePolicy.matching: the regex '(.*.*)*Z' repeats a part that itself repeats or alternates (nested quantifiers can take exponential time); write it without nesting, e.g. '[ab]*' for '(a|b)*'
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise FreezePolicyError(f"FreezePolicy.matching needs a non-empty regular expression, got {short_repr(pattern)}")
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise FreezePolicyError(f"FreezePolicy.matching: the regex has {len(pattern):,} characters, more than "
+                                f"{MAX_REGEX_LENGTH}: {short_repr(pattern)}")
+    try:
+        parsed = _sre_parse.parse(pattern)
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise FreezePolicyError(f"FreezePolicy.matching: invalid regex {short_repr(pattern)}: {e}") from None
+    repeats = 0
+    stack = [(parsed, False)]  # (sub-pattern, inside a repeat of more than one)
+    while stack:
+        sub, inside = stack.pop()
+        for op, av in sub:
+            if op in _REPEATS and av[1] > 1:
+                if inside:
+                    raise FreezePolicyError(_NESTED.format(short_repr(pattern)))
+                repeats += 1
+                stack.append((av[2], True))
+                continue
+            if op is _sre.BRANCH and inside:
+                raise FreezePolicyError(_NESTED.format(short_repr(pattern)))
+            for item in (av if isinstance(av, (tuple, list)) else (av,)):
+                for part in (item if isinstance(item, list) else (item,)):
+                    if isinstance(part, _sre_parse.SubPattern):
+                        stack.append((part, inside))
+    if repeats > MAX_REGEX_REPEATS:
+        raise FreezePolicyError(f"FreezePolicy.matching: the regex {short_repr(pattern)} has {repeats} repeated parts "
+                                f"(*, +, {{m,n}}), more than {MAX_REGEX_REPEATS}; each one multiplies the time a "
+                                "name takes to match")
+
+
+_NESTED = ("FreezePolicy.matching: the regex {} repeats a part that itself repeats or alternates (nested "
+           "quantifiers can take exponential time); write it without nesting, e.g. '[ab]*' for '(a|b)*'")
 
 
 @dataclass(frozen=True)
@@ -95,19 +166,23 @@ class FreezePolicy:
     bn: str = "frozen"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise FreezePolicyError(unknown_name_message("freeze mode", self.mode, MODES))
-        if self.bn not in BN_MODES:
-            raise FreezePolicyError(f"bn must be 'frozen' or 'train', got {self.bn!r}")
-        if self.mode == "up_to" and (isinstance(self.target, bool) or not isinstance(self.target, (str, int))):
-            raise FreezePolicyError("FreezePolicy.up_to needs a layer name or index")
-        if self.mode == "matching":
-            if not isinstance(self.target, str) or not self.target:
-                raise FreezePolicyError("FreezePolicy.matching needs a non-empty regular expression")
-            try:
-                re.compile(self.target)
-            except re.error as e:
-                raise FreezePolicyError(f"FreezePolicy.matching: invalid regex {self.target!r}: {e}") from None
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise FreezePolicyError(unknown_name_message("freeze mode", short_repr(self.mode), MODES))
+        if not isinstance(self.bn, str) or self.bn not in BN_MODES:
+            raise FreezePolicyError(f"bn must be 'frozen' or 'train', got {short_repr(self.bn)}")
+        if self.mode == "up_to":
+            if isinstance(self.target, numbers.Integral) and not isinstance(self.target, bool):
+                if abs(self.target) > MAX_TARGET_LENGTH:
+                    raise FreezePolicyError(f"FreezePolicy.up_to: layer index {short_repr(self.target)} is out of "
+                                            f"range (at most {MAX_TARGET_LENGTH} either way)")
+                object.__setattr__(self, "target", int(self.target))
+            elif not isinstance(self.target, str) or not 0 < len(self.target) <= MAX_TARGET_LENGTH:
+                raise FreezePolicyError(f"FreezePolicy.up_to needs a layer name (at most {MAX_TARGET_LENGTH} "
+                                        f"characters) or index, got {short_repr(self.target)}")
+        elif self.mode == "matching":
+            check_regex(self.target)
+        elif self.target is not None:
+            raise FreezePolicyError(f"FreezePolicy.{self.mode}() takes no target, got {short_repr(self.target)}")
 
     @classmethod
     def all(cls, bn: str = "frozen") -> FreezePolicy:
@@ -135,6 +210,16 @@ class FreezePolicy:
 
     @classmethod
     def from_dict(cls, d: dict) -> FreezePolicy:
+        """The policy :meth:`to_dict` describes; every field is checked (e.g. when read from a file).
+
+        Raises:
+            FreezePolicyError: ``d`` is not such a dict, or a value is invalid.
+        """
+        if not isinstance(d, dict) or "mode" not in d:
+            raise FreezePolicyError(f"a freeze policy is a dict with 'mode', 'target' and 'bn', got {short_repr(d)}")
+        unknown = [k for k in d if k not in ("mode", "target", "bn")]
+        if unknown:
+            raise FreezePolicyError(f"unknown freeze policy field {short_repr(unknown[0])}; valid: mode, target, bn")
         return cls(d["mode"], d.get("target"), d.get("bn", "frozen"))
 
     def resolve(self, tensors: Sequence[TensorInfo], layers: Sequence[str],

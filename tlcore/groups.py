@@ -17,6 +17,7 @@ Example:
 """
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cut import in_layer
+from .data import as_float
 from .errors import OptimizerConfigError
 
 if TYPE_CHECKING:
@@ -53,6 +55,8 @@ class LayerGroups:
     labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.patterns, str) and not hasattr(self.patterns, "__iter__"):
+            raise LayerGroupsError(f"LayerGroups takes a list of regexes, got {self.patterns!r}")
         patterns = tuple(self.patterns) if not isinstance(self.patterns, str) else (self.patterns,)
         for p in patterns:
             try:
@@ -149,9 +153,9 @@ def _blocks(layers: Sequence[str], head: str | None) -> list[str]:
 def _check_factor(owner: str, name: str, value: Any, groups: Any) -> float:
     if not isinstance(groups, LayerGroups):
         raise LayerGroupsError(f"{owner} takes tl.LayerGroups, got {type(groups).__name__}")
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 < float(value) <= 1.0:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
         raise LayerGroupsError(f"{owner}: {name} must be in (0, 1], got {value!r}")
-    return float(value)
+    return as_float(value)
 
 
 @dataclass(frozen=True)

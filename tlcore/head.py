@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import TlcoreError
+from .errors import TlcoreError, short_repr
+
+#: the most parameters a head (or a zoo model, see ``tlcore.zoo``) may have: 2**27, 512 MiB of float32.
+#: Sizes are checked against it before anything is allocated, so a typo (``Head.linear(10**10)``) or a
+#: hostile checkpoint is refused with a named error instead of exhausting memory.
+MAX_PARAMS = 2 ** 27
+#: the largest size of one dimension (a width, a number of classes)
+MAX_SIZE = 2 ** 24
+#: the most hidden layers a head may have
+MAX_HIDDEN_LAYERS = 64
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 #: ``avg``: mean over every axis but the channels (images: global average pooling; tokens: the mean
@@ -44,10 +53,20 @@ class HeadError(TlcoreError, ValueError):
     """A head spec has an invalid value, or cannot be sized from the features it receives."""
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise HeadError(f"{name} must be an int >= 1, got {value!r}")
+def _positive_int(name: str, value: object, maximum: int = MAX_SIZE) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= maximum:
+        raise HeadError(f"{name} must be an int in [1, {maximum}], got {short_repr(value)}")
     return int(value)
+
+
+def dense_params(sizes: Sequence[int]) -> int:
+    """Weights and biases of a chain of dense layers through ``sizes`` (``[in, hidden..., out]``).
+
+    Example:
+        >>> dense_params([4, 8, 3])   # (4 * 8 + 8) + (8 * 3 + 3)
+        67
+    """
+    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
 @dataclass(frozen=True)
@@ -62,17 +81,23 @@ class Head:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_classes", _positive_int("num_classes", self.num_classes))
-        if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Sequence):
-            raise HeadError(f"hidden must be a sequence of ints >= 1, got {self.hidden!r}")
+        if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Sequence) \
+                or len(self.hidden) > MAX_HIDDEN_LAYERS:
+            raise HeadError(f"hidden must be a sequence of at most {MAX_HIDDEN_LAYERS} ints in [1, {MAX_SIZE}], "
+                            f"got {short_repr(self.hidden)}")
         object.__setattr__(self, "hidden", tuple(_positive_int("hidden sizes", h) for h in self.hidden))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
                 or not 0.0 <= self.dropout < 1.0:
-            raise HeadError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise HeadError(f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}")
         object.__setattr__(self, "dropout", float(self.dropout))
-        if self.activation not in ACTIVATIONS:
-            raise HeadError(f"unknown activation {self.activation!r}; valid: {ACTIVATIONS}")
-        if self.pool not in POOLS:
-            raise HeadError(f"unknown pool {self.pool!r}; valid: {POOLS}")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise HeadError(f"unknown activation {short_repr(self.activation)}; valid: {ACTIVATIONS}")
+        if not isinstance(self.pool, str) or self.pool not in POOLS:
+            raise HeadError(f"unknown pool {short_repr(self.pool)}; valid: {POOLS}")
+        least = dense_params([1, *self.hidden, self.num_classes])  # with a single input feature
+        if least > MAX_PARAMS:
+            raise HeadError(f"this head would have at least {least:,} parameters (hidden={self.hidden}, "
+                            f"num_classes={self.num_classes}), more than tl.head.MAX_PARAMS = {MAX_PARAMS:,}")
 
     @classmethod
     def linear(cls, num_classes: int, *, pool: str = "avg") -> Head:
@@ -103,8 +128,19 @@ class Head:
 
     @classmethod
     def from_dict(cls, d: dict) -> Head:
-        return cls(num_classes=d["num_classes"], hidden=tuple(d.get("hidden", ())),
-                   dropout=d.get("dropout", 0.0), activation=d.get("activation", "relu"), pool=d.get("pool", "avg"))
+        """The head :meth:`to_dict` describes; every field is checked (e.g. when read from a file).
+
+        Raises:
+            HeadError: ``d`` is not such a dict, or a value has the wrong type or is out of bounds.
+        """
+        fields = ("num_classes", "hidden", "dropout", "activation", "pool")
+        if not isinstance(d, dict) or "num_classes" not in d:
+            raise HeadError(f"a head is a dict with 'num_classes' (and {fields[1:]}), got {short_repr(d)}")
+        unknown = [k for k in d if k not in fields]
+        if unknown:
+            raise HeadError(f"unknown head field {short_repr(unknown[0])}; valid: {fields}")
+        return cls(num_classes=d["num_classes"], hidden=d.get("hidden", ()), dropout=d.get("dropout", 0.0),
+                   activation=d.get("activation", "relu"), pool=d.get("pool", "avg"))
 
 
 @dataclass(frozen=True)
@@ -118,6 +154,16 @@ class HeadPlan:
     spec: Head
     width: int
     feature_shape: tuple[int | None, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, Head):
+            raise HeadError(f"HeadPlan takes a tl.Head, got {type(self.spec).__name__}")
+        object.__setattr__(self, "width", _positive_int("the head's input width", self.width))
+        n = self.num_params()
+        if n > MAX_PARAMS:
+            raise HeadError(f"this head would have {n:,} parameters on features of width {self.width:,} "
+                            f"(num_classes={self.spec.num_classes}, hidden={self.spec.hidden}), more than "
+                            f"tl.head.MAX_PARAMS = {MAX_PARAMS:,}; pool the features (pool='avg') or cut earlier")
 
     def dense_layers(self) -> list[tuple[str, int, int]]:
         """``(name, in_features, out_features)`` of each dense layer, in order."""
@@ -133,7 +179,7 @@ class HeadPlan:
         return shapes
 
     def num_params(self) -> int:
-        return sum(math.prod(s) for s in self.tensor_shapes().values())
+        return dense_params([self.width, *self.spec.hidden, self.spec.num_classes])
 
 
 def pooled_width(feature_shape: Sequence[int | None], pool: str, channels_last: bool) -> int | None:

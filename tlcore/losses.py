@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Union
 
 import numpy as np
 
-from .data import to_numpy
+from .data import as_float, to_numpy
 from .errors import DataError, OptimizerConfigError, unknown_name_message
 
 __all__ = [
@@ -73,17 +73,17 @@ class LossConfigError(OptimizerConfigError):
 # ---- validation helpers ----
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _weight(owner: str, name: str, value: Any) -> float:
     if not _is_real(value) or not math.isfinite(value) or value < 0:
         raise LossConfigError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return as_float(value)
 
 
 def _class_index(owner: str, key: Any) -> int:
-    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
+    if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral) or key < 0:
         raise LossConfigError(f"{owner}: class_weight keys must be class indices (ints >= 0), got {key!r}")
     return int(key)
 
@@ -330,7 +330,7 @@ class CrossEntropy(LossSpec):
         ls = self.label_smoothing
         if not _is_real(ls) or not 0.0 <= ls < 1.0:
             raise LossConfigError(f"CrossEntropy: label_smoothing must be in [0, 1), got {ls!r}")
-        object.__setattr__(self, "label_smoothing", float(ls))
+        object.__setattr__(self, "label_smoothing", as_float(ls))
         object.__setattr__(self, "class_weight", _normalize_class_weight(self.class_weight))
 
     def to_dict(self) -> dict:
@@ -503,7 +503,7 @@ class Huber(LossSpec):
         d = self.delta
         if not _is_real(d) or not math.isfinite(d) or d <= 0:
             raise LossConfigError(f"Huber: delta must be a finite number > 0, got {d!r}")
-        object.__setattr__(self, "delta", float(d))
+        object.__setattr__(self, "delta", as_float(d))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "delta": self.delta}

@@ -13,12 +13,15 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
+import os
+import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -28,7 +31,8 @@ from . import data, groups, losses, sources, training
 from .backend import ModelPrimitives, Trainer
 from .callbacks import Callback, check_callbacks
 from .cut import in_layer
-from .errors import CheckpointError, OptimizerConfigError, TlcoreError, unknown_name_message
+from .errors import (CheckpointError, FitInProgressError, OptimizerConfigError, TlcoreError, TrainingDiverged,
+                     unknown_name_message)
 from .freeze import FreezePolicy, Resolved, TensorInfo
 from .recipes import UnfreezeSchedule
 from .head import Head, HeadPlan, initial_values, plan_head
@@ -41,6 +45,8 @@ log = logging.getLogger("tlcore")
 FEATURE_BATCH = 128
 #: trainers (compiled steps) kept per model, least recently used dropped first
 MAX_TRAINERS = 4
+#: what fit does at a non-finite loss or gradient
+NONFINITE = ("raise", "warn", "ignore")
 #: tensor kinds that are parameters (the rest is state: BatchNorm statistics, buffers, RNG)
 PARAM_KINDS = ("param", "bn_param")
 
@@ -141,6 +147,7 @@ class Run:
     epochs: int
     progress: str
     check: Callable
+    on_nonfinite: str = "raise"
 
 
 class RunState:
@@ -152,6 +159,25 @@ class RunState:
         self.step, self.seed, self.started = 0, key.seed, False
         self.live: tuple[Trainer, Model] | None = None
         self.kept: tuple[dict, bool] | None = None
+        self.folder: Any = None  # where its training state is written (fit(checkpoint_dir=...))
+
+    @classmethod
+    def resumed(cls, key: TrainSpec, point: Any) -> RunState:
+        """The run a saved :class:`~tlcore.resume.ResumePoint` describes, at the start of its epoch
+        (its optimizer state waits in ``kept`` for the first trainer)."""
+        state = cls(key, point.generator())
+        state.step, state.seed, state.started = point.step, point.seed, True
+        state.kept = (point.optimizer, False)
+        return state
+
+    def optimizer_state(self, head: str | None) -> dict:
+        """The live trainer's optimizer state (or the kept one), in this model's tensor names."""
+        if self.live is not None:
+            trainer, owner = self.live
+            trainer.finish()
+            state = trainer.export_state()
+            return self.rename(state, head, to_head=False) if owner._is_head_view else state
+        return self.carried_state(head)
 
     def keep_state(self) -> None:
         """Export the live trainer's optimizer state before it is replaced (a new policy, or a stage
@@ -183,6 +209,11 @@ class RunState:
                 "steps": {move[n]: v for n, v in state["steps"].items() if n in move}}
 
 
+def _rows(hist: History) -> list[dict[str, float]]:
+    """``hist``'s epochs as one dict each (the training state's JSON)."""
+    return [{k: v[i] for k, v in hist.history.items() if i < len(v)} for i in range(hist.epochs)]
+
+
 @dataclass(frozen=True)
 class PendingHead:
     """A head asked for by ``tl.finetune`` whose input width is not known yet."""
@@ -190,6 +221,23 @@ class PendingHead:
     spec: Head
     name: str
     seed: int
+
+
+def exclusive(method: Callable) -> Callable:
+    """``method`` runs in one thread at a time per model: a second thread gets
+    :class:`~tlcore.errors.FitInProgressError` at once (training from two threads would interleave
+    steps on the same weights)."""
+
+    @functools.wraps(method)
+    def run(self: Model, *args, **kwargs):
+        if not self._busy.acquire(blocking=False):
+            raise FitInProgressError(f"{method.__name__} is already running on this model in another thread; "
+                                     "train one model from one thread at a time (wait for it, or train a copy)")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy.release()
+    return run
 
 
 class Model(ModelPrimitives):
@@ -210,7 +258,9 @@ class Model(ModelPrimitives):
         self._trainers: OrderedDict[tuple, Trainer] = OrderedDict()
         self._head_view: Model | None = None
         self._run: RunState | None = None
+        self._resume_point: Any = None  # a saved run to continue (set by tl.resume)
         self._is_head_view = False
+        self._busy = threading.Lock()
         self.freeze(policy or FreezePolicy.none())
 
     # ------------------------------------------------------------------ structure and state
@@ -260,17 +310,31 @@ class Model(ModelPrimitives):
         """Overwrite tensors from ``{name: array}`` (names and shapes as in ``state()``).
 
         Everything is checked before anything is written: unknown names, missing names (when
-        ``strict``) and shape mismatches raise :class:`tl.CheckpointError` listing each one.
+        ``strict``), shape mismatches and values the tensor would not hold as given (NaN or inf,
+        complex, too large for its dtype, fractions for an integer tensor: see
+        :func:`tlcore.data.state_value`) raise :class:`tl.CheckpointError` listing each one.
         """
+        if not isinstance(arrays, Mapping):
+            raise CheckpointError(f"load_state takes a dict {{tensor name: array}} as state() gives, got "
+                                  f"{type(arrays).__name__}")
         current = self.state()
         problems = [f"unexpected tensor {k!r}" for k in arrays if k not in current]
         if strict:
             problems += [f"missing tensor {k!r}" for k in current if k not in arrays]
-        problems += [f"{k}: checkpoint shape {tuple(np.shape(v))} != model shape {current[k].shape}"
-                     for k, v in arrays.items() if k in current and tuple(np.shape(v)) != current[k].shape]
+        converted = {}
+        for k, v in arrays.items():
+            if k not in current:
+                continue
+            if tuple(np.shape(v)) != current[k].shape:
+                problems.append(f"{k}: shape {tuple(np.shape(v))} != model shape {current[k].shape}")
+                continue
+            converted[k], why = data.state_value(v, current[k])
+            if why:
+                problems.append(f"{k} {why}")
         if problems:
-            raise CheckpointError(f"{len(problems)} tensor(s) do not fit this model:\n  " + "\n  ".join(problems))
-        self._write_state({k: np.asarray(v, dtype=current[k].dtype) for k, v in arrays.items()})
+            shown = "; ".join(problems[:10]) + (f"; ... ({len(problems) - 10} more)" if len(problems) > 10 else "")
+            raise CheckpointError(f"{len(problems)} tensor(s) cannot be loaded, so none was: {shown}")
+        self._write_state(converted)
         return self
 
     def _state_and_mask(self) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
@@ -382,11 +446,16 @@ class Model(ModelPrimitives):
     def _source(self, x: Any, y: Any, sample_weight: Any, spec: losses.LossSpec | None, *, batch_size: int,
                 shuffle: bool = False, steps_per_epoch: int | None = None, name: str = "x") -> sources.Source:
         """A checked source of batches: arrays (inputs, targets for ``spec`` and weights checked now), or
-        a loader or generator (its first batch checked now, every batch as it comes)."""
+        a loader or generator (its first batch checked now, every batch as it comes; every batch of a
+        list of batches, which is in memory)."""
+        shuffle = data.check_bool("shuffle", shuffle)
         if sources.is_source(x):
             source = sources.as_source(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle,
                                        steps_per_epoch=steps_per_epoch)
             self._check_batch(source.first(), 0, spec, source.describe())
+            if isinstance(x, list):
+                for i, batch in enumerate(source.batches(np.random.default_rng(0))):
+                    self._check_batch(batch, i, spec, source.describe())
             return source
         factor = None
         if isinstance(x, sources.Scaled):
@@ -471,13 +540,15 @@ class Model(ModelPrimitives):
         return check_metric_names(metrics)
 
     # ------------------------------------------------------------------ training
+    @exclusive
     def fit(self, x, y=None, epochs: int = 1, batch_size: int = 32, optimizer: OptimizerSpec | None = None,
             loss: str | losses.LossSpec = "cross_entropy", metrics: Sequence[str] | None = None,
             validation_data: Any = None, shuffle: bool = True, seed: int = 0, clip_grad_norm: float | None = None,
             progress: bool | str = True, cache_features: bool | str = "auto", precision: str = "float32",
             sample_weight: Any = None, class_weight: Any = None, steps_per_epoch: int | None = None,
             freeze: FreezePolicy | UnfreezeSchedule | None = None, callbacks: Sequence[Callback] = (),
-            reset: bool = False) -> History:
+            reset: bool = False, on_nonfinite: str = "raise", checkpoint_dir: str | os.PathLike | None = None,
+            checkpoint_every: int | str | None = None, resume: bool | str = "auto") -> History:
         """Train the trainable tensors; frozen ones stay bit-identical.
 
         A ``fit`` continues where the last one stopped (as Keras' ``fit`` does): the optimizer state,
@@ -516,6 +587,17 @@ class Model(ModelPrimitives):
                 stages inside this fit.
             callbacks: ``tl.callbacks`` objects (``EarlyStopping``, ``ModelCheckpoint``, your own).
             reset: start afresh: new optimizer state, step 0, RNGs seeded from ``seed``.
+            on_nonfinite: at the first step whose loss or a gradient is not finite, ``"raise"``
+                :class:`tl.TrainingDiverged` (epoch, step, first non-finite tensor), or ``"warn"`` and
+                return; either way the model keeps the last finite step's weights. ``"ignore"``: train
+                on (NaN goes into the weights).
+            checkpoint_dir: a folder to write the training state to (atomically), so that a killed run
+                continues with ``tl.resume(folder)`` and the same ``fit`` call (see ``tlcore.resumable``).
+            checkpoint_every: optimizer steps between writes, or ``"epoch"`` (default); the state is
+                also written when the fit ends.
+            resume: ``"auto"``: a model from ``tl.resume`` continues its run, after checking that the
+                data, optimizer and recipe are the saved ones; ``"force"``: continue even if they differ;
+                ``False``: start afresh (overwriting ``checkpoint_dir``'s state).
 
         Example:
             >>> hist = ft.fit(x, y, epochs=2, optimizer=tl.optim.SGD(lr=0.1, momentum=0.9))  # doctest: +SKIP
@@ -556,17 +638,50 @@ class Model(ModelPrimitives):
             plan = groups.plan_params(optimizer, self)
         keys = ["loss", *names, "lr"] + ([f"val_{k}" for k in ("loss", *names)] if val is not None else [])
         callbacks = check_callbacks(callbacks, keys)
+        if on_nonfinite not in NONFINITE:
+            raise OptimizerConfigError(unknown_name_message("on_nonfinite", on_nonfinite, NONFINITE))
+        if resume not in ("auto", "force", False):
+            raise CheckpointError(f"resume must be 'auto', 'force' or False, got {resume!r}")
+        if checkpoint_every is not None and checkpoint_dir is None:
+            raise CheckpointError("checkpoint_every needs checkpoint_dir=<folder> to write to")
+        spec = TrainSpec(optimizer, spec_loss, None if clip_grad_norm is None else float(clip_grad_norm), seed,
+                         precision, plan, guard=on_nonfinite != "ignore")
+        point = self._continue_from(source, spec, resume, reset, checkpoint_dir, checkpoint_every, batch_size=batch_size,
+                                    shuffle=shuffle, freeze=freeze, metrics=names, cache_features=cache_features,
+                                    steps_per_epoch=steps_per_epoch)
         self._verify_native()
         self._loss = spec_loss
-        spec = TrainSpec(optimizer, spec_loss, None if clip_grad_norm is None else float(clip_grad_norm), seed,
-                         precision, plan)
-        run = Run(spec, names, epochs, mode, lambda b, i: self._check_batch(b, i, spec_loss))
+        run = Run(spec, names, epochs, mode, lambda b, i: self._check_batch(b, i, spec_loss), on_nonfinite)
         if cache_features is True:
             for _, policy in stages[:1]:
                 refusal = self._cache_refusal(source, policy)
                 if refusal:
                     raise FeatureCacheRefused(f"cannot cache features: {refusal}")
-        return self._train(source, val, run, stages, callbacks, cache_features, reset)
+        saver, point = point
+        if point is not None:
+            self._resume_point = None
+        return self._train(source, val, run, stages, callbacks, cache_features, reset, saver, point)
+
+    def _continue_from(self, source: sources.Source, spec: TrainSpec, resume: bool | str, reset: bool,
+                       folder: Any, every: Any, **recipe: Any) -> tuple[Any, Any]:
+        """The fit's checkpoint writer (None without ``checkpoint_dir``) and the saved run it continues
+        (None: none), its fingerprints checked."""
+        from . import resumable
+
+        point = None if reset or resume is False else self._resume_point
+        saver = None
+        if folder is not None or point is not None:
+            prints = resumable.fingerprints(source, spec, **recipe)
+            if folder is not None:
+                saver = resumable.Checkpointer(folder, every if every is not None else "epoch", prints)
+                ours = self._run is not None and self._run.folder == saver.folder.resolve()
+                if point is None and resume is not False and saver.path.exists() and not ours:
+                    raise CheckpointError(
+                        f"{str(folder)!r} holds the training state of another run; continue it with "
+                        f"tl.resume({str(folder)!r}) and this fit, or fit(..., resume=False) to start afresh over it")
+            if point is not None:
+                point.check(prints, force=resume == "force")
+        return saver, point
 
     def _validation_source(self, validation_data: Any, spec: losses.LossSpec) -> sources.Source | None:
         if validation_data is None:
@@ -620,63 +735,112 @@ class Model(ModelPrimitives):
         return replace(spec, params=replace(spec.params, entries=entries))
 
     def _train(self, source: sources.Source, val: sources.Source | None, run: Run, stages: tuple,
-               callbacks: list[Callback], cache_features: bool | str, reset: bool) -> History:
+               callbacks: list[Callback], cache_features: bool | str, reset: bool, saver: Any = None,
+               point: Any = None) -> History:
         t0 = time.perf_counter()
-        state = self._start_run(run.spec, reset)
-        state.seed = run.spec.seed
-        hist, lr_steps = History(), []
+        if point is not None:  # a saved run (tl.resume) continues
+            state = self._run = RunState.resumed(replace(run.spec, seed=0), point)
+        else:
+            state = self._start_run(run.spec, reset)
+            state.seed = run.spec.seed
+        hist, lr_steps, steps, first, skip = History(), [], 0, 0, 0
+        if point is not None:
+            for logs in point.history:
+                hist.append(logs)
+            lr_steps, steps = list(point.info.get("lr_steps", [])), int(point.info.get("steps", 0))
+            first, skip = point.epoch, point.batch
+            if "stopped_epoch" in point.info:  # the run had stopped early: nothing left to train
+                hist.info["stopped_epoch"], first = point.info["stopped_epoch"], run.epochs
+        if saver is not None:
+            state.folder = saver.folder.resolve()
         per_epoch = source.steps
         progress = training.Progress(run.progress, None if per_epoch is None else run.epochs * per_epoch,
                                      f"fit [{self.backend}]")
         schedule = run.spec.optimizer.schedule
         feats = head_val = None
-        trainer, stage, steps, info_cache = None, None, 0, []
+        trainer, stage, info_cache, diverged = None, None, [], None
+        interrupt = training.DeferredInterrupt()
+
+        def save(epoch: int, batch: int, rng: dict, acc: Accumulator | None, applied: list[float]) -> None:
+            saver.save(self, state.optimizer_state(self._head), epoch=epoch, batch=batch,
+                       step=state.step + len(applied), seed=state.seed, rng=rng, history=_rows(hist),
+                       info={"lr_steps": lr_steps + applied, "steps": steps + len(applied), **(
+                           {"stopped_epoch": hist.info["stopped_epoch"]} if "stopped_epoch" in hist.info else {})},
+                       acc=acc)
+
         for cb in callbacks:
             cb.on_train_begin(self)
         try:
-            for epoch in range(run.epochs):
-                e0 = time.perf_counter()
-                index = max(i for i, (start, _) in enumerate(stages) if start <= epoch)
-                if index != stage:
-                    stage = index
-                    policy = stages[index][1]
-                    if trainer is not None:
+            with interrupt:
+                for epoch in range(first, run.epochs):
+                    e0 = time.perf_counter()
+                    index = max(i for i, (start, _) in enumerate(stages) if start <= epoch)
+                    if index != stage:
+                        stage = index
+                        policy = stages[index][1]
+                        if trainer is not None:
+                            trainer.finish()
+                            state.keep_state()
+                        if policy != self.policy:
+                            self.freeze(policy)
+                        refusal = self._cache_refusal(source) if cache_features else "cache_features=False"
+                        cached = not refusal
+                        info_cache.append("used" if cached else ("off" if not cache_features else f"refused: {refusal}"))
+                        if cached and feats is None:
+                            feats = training.cache_features(self._features, source, np.random.default_rng(0),
+                                                            run.check, FEATURE_BATCH)
+                            head_val = None if val is None else training.cache_features(
+                                self._features, val, np.random.default_rng(0), run.check, 256)
+                        owner = self.head_model() if cached else self
+                        trainer = self._trainer_for(owner, state)
+                    epoch_source = feats if owner is not self else source
+                    epoch_val = head_val if owner is not self else val
+                    check = (lambda b, i: b) if owner is not self else run.check
+                    start = skip if epoch == first else 0
+                    epoch_rng = state.rng.bit_generator.state  # a resumed epoch replays its order from here
+                    lrs = training.LearningRates(schedule, state.step)
+                    acc = Accumulator(run.metrics, run.spec.loss)
+                    if start:
+                        point.restore_metrics(acc)
+                    ticks = [0]
+
+                    def on_step(n: int) -> None:
+                        progress.step(n)
+                        ticks[0] += n
+                        interrupt.check()
+
+                    boundary = None if saver is None else (lambda done: save(epoch, done, epoch_rng, acc, lrs.applied))
+                    try:
+                        with interrupt.steps():
+                            training.run_epoch(trainer, epoch_source, state.rng, acc, check, on_step, lrs, start,
+                                               None if saver is None else saver.every_steps, boundary)
+                    except KeyboardInterrupt:
+                        state.step += ticks[0]  # the steps completed before it
+                        raise
+                    steps += len(lrs.applied)
+                    state.step += len(lrs.applied)
+                    lr_steps += lrs.applied
+                    if trainer.nonfinite is not None:
+                        diverged = TrainingDiverged(epoch, state.step, trainer.nonfinite)
+                        break
+                    logs = acc.result()
+                    if epoch_val is not None:
                         trainer.finish()
-                        state.keep_state()
-                    if policy != self.policy:
-                        self.freeze(policy)
-                    refusal = self._cache_refusal(source) if cache_features else "cache_features=False"
-                    cached = not refusal
-                    info_cache.append("used" if cached else ("off" if not cache_features else f"refused: {refusal}"))
-                    if cached and feats is None:
-                        feats = training.cache_features(self._features, source, np.random.default_rng(0), run.check,
-                                                        FEATURE_BATCH)
-                        head_val = None if val is None else training.cache_features(
-                            self._features, val, np.random.default_rng(0), run.check, 256)
-                    owner = self.head_model() if cached else self
-                    trainer = self._trainer_for(owner, state)
-                epoch_source = feats if owner is not self else source
-                epoch_val = head_val if owner is not self else val
-                check = (lambda b, i: b) if owner is not self else run.check
-                lrs = training.LearningRates(schedule, state.step)
-                acc = Accumulator(run.metrics, run.spec.loss)
-                done = training.run_epoch(trainer, epoch_source, state.rng, acc, check, progress, lrs)
-                steps += done
-                state.step += done
-                lr_steps += lrs.applied
-                logs = acc.result()
-                if epoch_val is not None:
+                        forward = (lambda xb: np.asarray(owner._forward(xb)))
+                        logs.update({f"val_{k}": v for k, v in training.evaluate_source(
+                            forward, epoch_val, run.metrics, run.spec.loss, check).items()})
+                    # the rate of the epoch's last step (of the run's last one when a resumed epoch had none left)
+                    logs["lr"] = lrs.applied[-1] if lrs.applied else float(schedule.lr_at(max(state.step - 1, 0)))
+                    hist.append(logs)
+                    progress.epoch(epoch, run.epochs, logs, time.perf_counter() - e0)
                     trainer.finish()
-                    forward = (lambda xb: np.asarray(owner._forward(xb)))
-                    logs.update({f"val_{k}": v for k, v in training.evaluate_source(
-                        forward, epoch_val, run.metrics, run.spec.loss, check).items()})
-                logs["lr"] = lrs.applied[-1] if lrs.applied else float(schedule.lr_at(state.step))
-                hist.append(logs)
-                progress.epoch(epoch, run.epochs, logs, time.perf_counter() - e0)
-                trainer.finish()
-                if any([bool(cb.on_epoch_end(epoch, dict(logs), self)) for cb in callbacks]):
-                    hist.info["stopped_epoch"] = epoch
-                    break
+                    stop = any([bool(cb.on_epoch_end(epoch, dict(logs), self)) for cb in callbacks])
+                    if stop:
+                        hist.info["stopped_epoch"] = epoch
+                    if saver is not None and (stop or saver.every == "epoch" or epoch == run.epochs - 1):
+                        save(epoch + 1, 0, state.rng.bit_generator.state, None, [])
+                    if stop:
+                        break
         finally:
             if trainer is not None:
                 trainer.finish()
@@ -687,9 +851,17 @@ class Model(ModelPrimitives):
             self._run = state
         for cb in callbacks:
             cb.on_train_end(self)
-        hist.info.update(compilations=trainer.compilations, steps=steps, lr_steps=lr_steps,
-                         optimizer_state_bytes=trainer.optimizer_state_bytes(), seconds=time.perf_counter() - t0,
-                         cache_features=info_cache[0] if len(set(info_cache)) == 1 else info_cache)
+        hist.info.update(steps=steps, lr_steps=lr_steps, seconds=time.perf_counter() - t0)
+        if trainer is not None:
+            hist.info.update(compilations=trainer.compilations, optimizer_state_bytes=trainer.optimizer_state_bytes(),
+                             cache_features=info_cache[0] if len(set(info_cache)) == 1 else info_cache)
+        if saver is not None:
+            hist.info["checkpoint_writes"] = saver.writes
+        if diverged is not None:
+            hist.info["diverged"] = {"epoch": diverged.epoch, "step": diverged.step, "tensor": diverged.tensor}
+            if run.on_nonfinite == "raise":
+                raise diverged
+            warnings.warn(str(diverged), RuntimeWarning, stacklevel=3)
         return hist
 
     def _cache_refusal(self, source: sources.Source | None = None, policy: FreezePolicy | None = None) -> str:

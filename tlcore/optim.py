@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+from .data import as_float
 from .errors import OptimizerConfigError, unknown_name_message
 from .groups import Discriminative, LayerDecay, LayerGroups, ParamPlan, check_no_decay
 from .losses import CrossEntropy, LossSpec
@@ -34,7 +36,13 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def _real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _flag(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise OptimizerConfigError(f"{owner}: {name} must be True or False, got {value!r}")
 
 
 def _positive(owner: str, name: str, value: float) -> None:
@@ -48,7 +56,7 @@ def _non_negative(owner: str, name: str, value: float) -> None:
 
 
 def _unit(owner: str, name: str, value: float) -> None:
-    if not _real(value) or not 0.0 <= value < 1.0:
+    if not _real(value) or not math.isfinite(value) or not 0.0 <= value < 1.0:
         raise OptimizerConfigError(f"{owner}: {name} must be in [0, 1), got {value!r}")
 
 
@@ -75,8 +83,10 @@ class OptimizerSpec:
         check_no_decay(self.no_decay)
         for f in fields(self):  # numpy scalars become plain floats (hashable, JSON-able, the same everywhere)
             value = getattr(self, f.name)
-            if _real(value) and not isinstance(value, int):
-                object.__setattr__(self, f.name, float(value))
+            if _real(value):
+                object.__setattr__(self, f.name, as_float(value))
+            elif type(value).__name__ == "bool_":
+                object.__setattr__(self, f.name, bool(value))
 
     @property
     def schedule(self) -> Schedule:
@@ -110,6 +120,7 @@ class SGD(OptimizerSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         _unit("SGD", "momentum", self.momentum)
+        _flag("SGD", "nesterov", self.nesterov)
         if self.nesterov and self.momentum <= 0:
             raise OptimizerConfigError("SGD: nesterov=True needs momentum > 0")
 
@@ -125,12 +136,14 @@ class Adam(OptimizerSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        if len(self.betas) != 2:
-            raise OptimizerConfigError(f"{name}: betas must be a pair, got {self.betas!r}")
+        pair = isinstance(self.betas, Sequence) and not isinstance(self.betas, (str, bytes)) \
+            or getattr(self.betas, "ndim", None) == 1
+        if not pair or len(self.betas) != 2:
+            raise OptimizerConfigError(f"{name}: betas must be a pair of numbers in [0, 1), got {self.betas!r}")
         _unit(name, "betas[0]", self.betas[0])
         _unit(name, "betas[1]", self.betas[1])
         _positive(name, "eps", self.eps)
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "betas", tuple(as_float(b) for b in self.betas))
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,7 @@ class RMSprop(OptimizerSpec):
         _unit("RMSprop", "alpha", self.alpha)
         _positive("RMSprop", "eps", self.eps)
         _unit("RMSprop", "momentum", self.momentum)
+        _flag("RMSprop", "centered", self.centered)
 
 
 OPTIMIZERS: dict[str, type[OptimizerSpec]] = {c.kind: c for c in (SGD, Adam, AdamW, RMSprop)}
@@ -196,6 +210,9 @@ class TrainSpec:
     #: every parameter's lr multiplier and weight decay (``tlcore.groups.plan_params``); None: all
     #: parameters at the optimizer's rate and decay
     params: ParamPlan | None = None
+    #: check every step: a non-finite loss or gradient changes nothing and stops the epoch
+    #: (``Trainer.nonfinite`` names it); False: PyTorch's plain behaviour (NaN goes into the weights)
+    guard: bool = True
     extras: tuple = field(default=())
 
     def rates(self) -> dict[str, tuple[float, float]]:

@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,22 +69,32 @@ def fine_tune(model: Model, x: Any, y: Any = None, *, epochs: int = 1, freeze_ep
         >>> hists = tl.recipes.fine_tune(ft, x, y, epochs=5, freeze_epochs=1, base_lr=2e-3)   # doctest: +SKIP
     """
     from . import data, sources
+    from .errors import OptimizerConfigError
     from .groups import Discriminative, LayerGroups
     from .optim import AdamW
     from .schedules import OneCycle
 
+    epochs = data.check_positive_int("epochs", epochs)
+    freeze_epochs = data.check_positive_int("freeze_epochs", freeze_epochs)
+    batch_size = data.check_positive_int("batch_size", batch_size)
+    for name, value, ok, rule in (("base_lr", base_lr, lambda v: v > 0, "> 0"),
+                                  ("lr_mult", lr_mult, lambda v: v >= 1, ">= 1")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+            raise OptimizerConfigError(f"fine_tune: {name} must be a finite number {rule}, got {value!r}")
+    if "freeze" in fit_kwargs or "optimizer" in fit_kwargs:
+        raise TypeError("fine_tune sets freeze and optimizer itself (frozen base, then everything trainable); "
+                        "call model.fit for another plan")
     source = sources.as_source(x, y, batch_size=batch_size) if not sources.is_source(x) else None
     steps = source.steps if source is not None else fit_kwargs.get("steps_per_epoch")
     if steps is None:
         raise data.DataError("fine_tune needs the number of batches per epoch: give steps_per_epoch for a loader")
     common = {**fit_kwargs, "batch_size": batch_size}
-    model.freeze(FreezePolicy.all())
-    first = model.fit(x, y, epochs=freeze_epochs, optimizer=AdamW(
+    # the policies go through fit, which applies them only once every argument and the data are checked
+    first = model.fit(x, y, epochs=freeze_epochs, freeze=FreezePolicy.all(), optimizer=AdamW(
         lr=OneCycle(max_lr=base_lr, total_steps=max(2, freeze_epochs * steps), pct_start=0.99),
         weight_decay=weight_decay, no_decay="1d"), **common)
-    model.unfreeze()
     lr = base_lr / 2
-    second = model.fit(x, y, epochs=epochs, optimizer=AdamW(
+    second = model.fit(x, y, epochs=epochs, freeze=FreezePolicy.none(), optimizer=AdamW(
         lr=OneCycle(max_lr=lr, total_steps=max(2, epochs * steps), pct_start=0.3, div=5.0),
         weight_decay=weight_decay, no_decay="1d",
         lr_mult=Discriminative(lo=1.0 / lr_mult, groups=LayerGroups.auto(model))), **common)

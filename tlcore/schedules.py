@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .data import as_float
 from .errors import OptimizerConfigError, unknown_name_message
 
 #: steps of a schedule whose table is checked for negative or non-finite rates when it is built
@@ -36,15 +37,15 @@ class ScheduleError(OptimizerConfigError):
 
 
 def _number(owner: str, name: str, value: Any, low: float = 0.0, strict: bool = False) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value) \
         and (value > low if strict else value >= low)
     if not ok:
         raise ScheduleError(f"{owner}: {name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
-    return float(value)
+    return as_float(value)
 
 
 def _steps(owner: str, name: str, value: Any, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
         raise ScheduleError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
     return int(value)
 
@@ -209,6 +210,8 @@ class MultiStep(Schedule):
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", _number("MultiStep", "lr", self.lr))
         object.__setattr__(self, "gamma", _number("MultiStep", "gamma", self.gamma))
+        if isinstance(self.milestones, (str, bytes)) or not hasattr(self.milestones, "__iter__"):
+            raise ScheduleError(f"MultiStep: milestones must be a sequence of steps (ints >= 1), got {self.milestones!r}")
         ms = tuple(_steps("MultiStep", "milestones", m, 1) for m in self.milestones)
         if any(b <= a for a, b in zip(ms, ms[1:])):
             raise ScheduleError(f"MultiStep: milestones must be increasing, got {list(self.milestones)}")

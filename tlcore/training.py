@@ -7,12 +7,15 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,22 +101,97 @@ class LearningRates:
 
 
 def run_epoch(trainer: Any, source: Source, rng: np.random.Generator, acc: Accumulator, check,
-              progress: Progress, lrs: LearningRates) -> int:
-    """Train one epoch at the schedule's rates; add every batch's outputs to ``acc``; return the
-    number of steps."""
+              on_step: Callable[[int], Any], lrs: LearningRates, start: int = 0, every: int | None = None,
+              on_boundary: Callable[[int], Any] | None = None) -> int:
+    """Train one epoch from its batch ``start`` (those before were trained already: a resumed run) at
+    the schedule's rates; add every applied batch's outputs to ``acc``; after each step that makes the
+    run's step count a multiple of ``every``, call ``on_boundary(batches of the epoch done)``. Stops
+    after a step the trainer refused as non-finite (``trainer.nonfinite``). Returns the batches of
+    the epoch done (``start`` + the steps applied); ``lrs.applied`` holds the applied steps' rates."""
+    def boundary(done: int) -> None:
+        if on_boundary is not None and every is not None and (lrs.start + len(lrs.applied)) % every == 0:
+            on_boundary(done)
+
     if type(source) is Arrays and source.converted:  # arrays in memory: the backend may run the epoch at once
         index = source.index_batches(rng)
-        outs = trainer.epoch(source.x, source.y, source.w, index, progress.step, lrs.take(len(index)))
-        for b, logits in zip(index, outs):
-            acc.update(np.asarray(logits), source.y[b], None if source.w is None else source.w[b])
-        return len(index)
-    steps = 0
-    for batch in checked_batches(source, rng, check):
+        done = start
+        while done < len(index):
+            run_steps = lrs.start + len(lrs.applied)
+            end = len(index) if every is None else min(len(index), done + every - run_steps % every)
+            part = index[done:end]
+            outs = trainer.epoch(source.x, source.y, source.w, part, on_step, lrs.take(len(part)))
+            applied = len(outs) - (trainer.nonfinite is not None)
+            del lrs.applied[len(lrs.applied) - len(part) + applied:]  # rates of steps that did not apply
+            for b, logits in zip(part[:applied], outs):
+                acc.update(np.asarray(logits), source.y[b], None if source.w is None else source.w[b])
+            done += applied
+            if trainer.nonfinite is not None:
+                break
+            boundary(done)
+        return done
+    done = start
+    for i, batch in enumerate(checked_batches(source, rng, check)):
+        if i < start:
+            continue  # trained before the run was interrupted
         logits = trainer.step(batch.x, batch.y, batch.w, lrs.take(1)[0])
+        if trainer.nonfinite is not None:
+            lrs.applied.pop()
+            break
         acc.update(np.asarray(logits), batch.y, batch.w)
-        progress.step()
-        steps += 1
-    return steps
+        done = i + 1
+        on_step(1)
+        boundary(done)
+    return done
+
+
+class DeferredInterrupt:
+    """Ctrl-C while training stops at the next step boundary, not inside a step, so that the model is
+    the last completed step's (weights, BatchNorm statistics, optimizer state, all from one step). A
+    second Ctrl-C stops at once. Outside :meth:`steps` (validation, feature caching) Ctrl-C stops at
+    once as usual. Only in the main thread, and only when Python's own handler is installed.
+
+    Example:
+        >>> with DeferredInterrupt() as interrupt:
+        ...     with interrupt.steps():
+        ...         pass  # the training steps; call interrupt.check() between them
+    """
+
+    def __init__(self) -> None:
+        self.requested = self.deferring = False
+        self.previous: Any = None
+
+    def __enter__(self) -> DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.deferring or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ntlcore: stopping after the step in progress (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def steps(self) -> Iterator[None]:
+        """Within this block Ctrl-C is deferred to the next :meth:`check` (or the block's end)."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed since the last check."""
+        if self.requested:
+            self.requested = False
+            raise KeyboardInterrupt
 
 
 def evaluate_source(forward, source: Source, names: tuple[str, ...], spec: losses.LossSpec, check) -> dict:

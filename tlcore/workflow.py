@@ -94,14 +94,18 @@ def finetune(model: Any, cut: LayerCut | None = None, head: Head | Any = None,
 # ---------------------------------------------------------------------------- checkpoints
 def save(model: Model, path: str | os.PathLike) -> Path:
     """Write ``model`` (weights, non-trainable state and how it was built) to ``path``, atomically."""
-    meta = {
+    return checkpoint.write(path, model.state(), model_meta(model))
+
+
+def model_meta(model: Model) -> dict[str, Any]:
+    """How ``model`` was built (the checkpoint metadata :func:`rebuild` replays)."""
+    return {
         "backend": model.backend, "versions": get_backend(model.backend).versions(),
         "arch": model.meta.get("arch"), "config": model.meta.get("config"),
         "pretrained": model.meta.get("pretrained"), "steps": model.meta.get("steps", []),
         "policy": model.policy.to_dict(), "input_shape": model.input_shape,
         "layers": model.layers, "trainable": model.trainable_mask(),
     }
-    return checkpoint.write(path, model.state(), meta)
 
 
 def fit_state_dict(model: Model, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,31 +133,210 @@ def load(path: str | os.PathLike, backend: str | None = None, model: Any = None,
     a model fine-tuned with your own head module needs that module again as ``head`` (its weights
     come from the file). Nothing is returned unless every tensor fits.
 
+    The file is verified (its SHA-256 covers the tensors and the metadata) and every metadata field is
+    checked (types, bounds, the parameters it describes) before anything is built, so a damaged or
+    hostile file is refused with a one-line :class:`tl.CheckpointError`, never a crash, a hang or a
+    huge allocation.
+
     Raises:
         tl.CheckpointError (and its subclasses): missing, corrupted, foreign or mismatched files.
     """
+    tensors, meta = checkpoint.read(path)
+    return rebuild(tensors, meta, path, backend=backend, model=model, head=head)
+
+
+def rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: str | os.PathLike,
+            backend: str | None = None, model: Any = None, head: Any = None) -> Model:
+    """The model a checkpoint's ``meta`` describes (see :func:`load`), with ``tensors`` loaded and its
+    freeze policy applied; ``path`` names the file in errors. ``meta`` is checked first
+    (:func:`check_record`); an error replaying it is a :class:`tl.CheckpointError` naming the file."""
+    from .errors import TlcoreError
+    from .registry import get_backend
     from .zoo import _build
 
-    tensors, meta = checkpoint.read(path)
+    record = check_record(meta, path, tensors)
+    shown = str(path)
     if model is not None:
         base = wrap(model, backend=backend)
-    elif meta.get("arch"):
-        base = _build(meta["arch"], backend or meta["backend"], meta["config"])
-        base.meta["pretrained"] = meta.get("pretrained")
+    elif record["arch"]:
+        name = backend or record["backend"]
+        get_backend(name)  # an unknown or uninstalled backend: tl.BackendNotFoundError, as for tl.zoo.create
+        base = _build(record["arch"], name, record["config"])
+        base.meta["pretrained"] = record["pretrained"]
     else:
-        raise CheckpointError(f"{str(path)!r} holds a wrapped {meta['backend']} model that is not from the zoo; "
-                              f"pass the same architecture as tl.load(path, model=<native {meta['backend']} model>)")
-    for step in meta.get("steps", []):
-        spec = Head.from_dict(step["head"]) if step["head"] else None
-        if step.get("native_head"):
-            if head is None:
-                raise CheckpointError(f"{str(path)!r} was fine-tuned with its own head module; pass the same "
-                                      "architecture as tl.load(path, model=..., head=<native head module>)")
-            spec = head
-        base = finetune(base, cut=LayerCut(at=step["cut"]) if step["cut"] else None, head=spec,
-                        freeze=FreezePolicy.none(), input_shape=meta.get("input_shape"))
-        if not base.head_built:  # sized from the recorded width, not from data
-            base._build_head(HeadPlan(spec, int(step["head_width"])))
-    base.load_state(fit_state_dict(base, tensors))
-    base.freeze(FreezePolicy.from_dict(meta["policy"]))
+        raise CheckpointError(f"{shown!r} holds a wrapped {record['backend']} model that is not from the zoo; pass "
+                              f"the same architecture as tl.load(path, model=<native {record['backend']} model>)")
+    try:
+        for i, step in enumerate(record["steps"]):
+            spec = step["head"]
+            if step["native_head"]:
+                if head is None:
+                    raise CheckpointError(f"{shown!r} was fine-tuned with its own head module; pass the same "
+                                          "architecture as tl.load(path, model=..., head=<native head module>)")
+                spec = head
+            base = finetune(base, cut=LayerCut(at=step["cut"]) if step["cut"] else None, head=spec,
+                            freeze=FreezePolicy.none(), input_shape=record["input_shape"])
+            if not base.head_built:  # sized from the recorded width, not from data
+                if step["head_width"] is None:
+                    raise CheckpointError(f"{shown!r}: metadata steps[{i}] has no head_width to size its head with")
+                base._build_head(HeadPlan(spec, step["head_width"]))
+        base.load_state(fit_state_dict(base, tensors))
+        base.freeze(record["policy"])
+    except CheckpointError as e:
+        message = checkpoint.single_line(e)
+        raise type(e)(message if shown in message else f"{shown!r}: {message}") from None
+    except TlcoreError as e:  # a cut, head or policy of the file that does not fit the model it describes
+        raise CheckpointError(f"{shown!r}: its metadata does not fit the model it describes: "
+                              f"{checkpoint.single_line(e)}") from e
     return base
+
+
+#: the most fine-tuning steps a checkpoint may record
+MAX_STEPS = 16
+#: the most values per sample an input shape read from a checkpoint may describe (2**22: e.g.
+#: 1182 x 1182 x 3), so that sizing a head on it cannot exhaust memory
+MAX_INPUT_VALUES = 2 ** 22
+
+
+def check_record(meta: Any, path: str | os.PathLike, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The checkpoint record ``meta`` (as :func:`model_meta` writes it) with every field checked and
+    parsed, before anything is built: types, bounds, the zoo config (:func:`tlcore.zoo.archs.config_for`:
+    at most ``tlcore.zoo.MAX_PARAMS`` parameters), heads (:class:`tl.Head`), the freeze policy (a safe
+    regex), the input shape; with ``tensors``, the last head's sizes against the tensors the file holds.
+    Fields it does not replay (``versions``, ``layers``, ``trainable``) are checked for their types.
+
+    Returns:
+        ``{"backend", "arch", "config", "pretrained", "steps", "policy", "input_shape", "versions",
+        "layers", "trainable"}``; steps as ``{"cut", "head": Head | None, "head_name", "native_head",
+        "head_width"}``, the policy as a :class:`tl.FreezePolicy`.
+
+    Raises:
+        tl.CheckpointError: one line naming the file, the field and what it should be.
+    """
+    from .data import check_input_shape
+    from .errors import TlcoreError, short_repr
+    from .zoo.archs import ARCHITECTURES, check_activation, config_for, input_shape_for
+
+    shown = str(path)
+
+    def bad(field: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{shown!r}: metadata field {field} {what}")
+
+    def text(field: str, value: Any, optional: bool = False, limit: int = 1024) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not 0 < len(value) <= limit:
+            raise bad(field, f"must be a{'' if not optional else 'n optional'} string of 1 to {limit} characters, "
+                             f"got {short_repr(value)}")
+        return value
+
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{shown!r}: its metadata must be a JSON object, got {short_repr(meta)}")
+    out: dict[str, Any] = {"backend": text("backend", meta.get("backend"), limit=64)}
+    arch = text("arch", meta.get("arch"), optional=True, limit=64)
+    if arch is not None and arch not in ARCHITECTURES:
+        raise bad("arch", f"names no zoo architecture: {short_repr(arch)}; valid: {sorted(ARCHITECTURES)}")
+    out["arch"] = arch
+    config = meta.get("config")
+    if arch is not None:
+        try:
+            config = config_for(arch, config)
+        except TlcoreError as e:
+            raise bad("config", f"is invalid: {checkpoint.single_line(e)}") from None
+    elif config is not None and not isinstance(config, dict):
+        raise bad("config", f"must be an object or null, got {short_repr(config)}")
+    out["config"] = config
+    out["pretrained"] = text("pretrained", meta.get("pretrained"), optional=True, limit=64)
+
+    steps = meta.get("steps", [])
+    if not isinstance(steps, list) or len(steps) > MAX_STEPS:
+        raise bad("steps", f"must be a list of at most {MAX_STEPS} fine-tuning steps, got {short_repr(steps)}")
+    out["steps"] = []
+    for i, step in enumerate(steps):
+        field = f"steps[{i}]"
+        if not isinstance(step, dict):
+            raise bad(field, f"must be an object, got {short_repr(step)}")
+        native = step.get("native_head", False)
+        if not isinstance(native, bool):
+            raise bad(f"{field}.native_head", f"must be true or false, got {short_repr(native)}")
+        spec = step.get("head")
+        if spec is not None:
+            if native:
+                raise bad(f"{field}.head", "must be null for a native head module")
+            try:
+                spec = Head.from_dict(spec)
+            except TlcoreError as e:
+                raise bad(f"{field}.head", f"is invalid: {checkpoint.single_line(e)}") from None
+        width = step.get("head_width")
+        if width is not None:
+            if spec is None or isinstance(width, bool) or not isinstance(width, int):
+                raise bad(f"{field}.head_width", f"must be an int for a tl.Head's input width, got {short_repr(width)}")
+            try:
+                HeadPlan(spec, width)
+            except TlcoreError as e:
+                raise bad(f"{field}.head_width", f"is invalid: {checkpoint.single_line(e)}") from None
+        out["steps"].append({"cut": text(f"{field}.cut", step.get("cut"), optional=True), "head": spec,
+                             "head_name": text(f"{field}.head_name", step.get("head_name"), optional=True, limit=256),
+                             "native_head": native, "head_width": width})
+
+    try:
+        out["policy"] = FreezePolicy.from_dict(meta.get("policy"))
+    except TlcoreError as e:
+        raise bad("policy", f"is invalid: {checkpoint.single_line(e)}") from None
+
+    shape = meta.get("input_shape")
+    if shape is not None:
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 8:
+            raise bad("input_shape", f"must be null or a list of 1 to 8 sizes, got {short_repr(shape)}")
+        try:
+            shape = check_input_shape(shape)
+        except TlcoreError as e:
+            raise bad("input_shape", f"is invalid: {checkpoint.single_line(e)}") from None
+        known = [d for d in shape if d is not None]
+        if any(d > MAX_INPUT_VALUES for d in known) or int(np.prod(known, dtype=object)) > MAX_INPUT_VALUES:
+            raise bad("input_shape", f"{short_repr(shape)} describes more than {MAX_INPUT_VALUES:,} values per sample")
+        if arch is not None:
+            expected = input_shape_for(arch, config)
+            if len(shape) != len(expected) or any(e is not None and d != e for d, e in zip(shape, expected)):
+                raise bad("input_shape", f"{short_repr(shape)} does not fit a {arch} that takes {expected}")
+            try:
+                check_activation(arch, config, shape)
+            except TlcoreError as e:
+                raise bad("input_shape", f"is invalid: {checkpoint.single_line(e)}") from None
+    out["input_shape"] = shape
+
+    versions = meta.get("versions", {})
+    if not isinstance(versions, dict) or len(versions) > 64 or not all(
+            isinstance(v, str) and len(k) <= 64 and len(v) <= 256 for k, v in versions.items()):
+        raise bad("versions", f"must be an object of framework versions (strings), got {short_repr(versions)}")
+    out["versions"] = versions
+    layers = meta.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(x, str) and len(x) <= 1024 for x in layers):
+        raise bad("layers", f"must be a list of layer names, got {short_repr(layers)}")
+    out["layers"] = layers
+    trainable = meta.get("trainable", {})
+    if not isinstance(trainable, dict) or not all(isinstance(v, bool) for v in trainable.values()):
+        raise bad("trainable", f"must be an object of true/false per tensor, got {short_repr(trainable)}")
+    out["trainable"] = trainable
+    if tensors is not None and out["steps"]:
+        _check_last_head(out["steps"][-1], tensors, bad)
+    return out
+
+
+def _check_last_head(step: dict[str, Any], tensors: dict[str, np.ndarray], bad) -> None:
+    """The head the last step attaches is in the final model: the file must hold its tensors with the
+    sizes the head spec says (checked before the model, and the head, are built)."""
+    spec, name = step["head"], step["head_name"]
+    if spec is None or name is None:
+        return
+    sizes = [*spec.hidden, spec.num_classes]
+    layers = [f"fc{i}" for i in range(len(spec.hidden))] + ["out"]
+    for i, (layer, size) in enumerate(zip(layers, sizes)):
+        weight, bias = tensors.get(f"{name}.{layer}.weight"), tensors.get(f"{name}.{layer}.bias")
+        fan_in = step["head_width"] if i == 0 else sizes[i - 1]
+        if weight is None or bias is None or weight.ndim != 2 or weight.shape[0] != size or bias.shape != (size,) \
+                or (fan_in is not None and weight.shape[1] != fan_in):
+            found = None if weight is None else tuple(weight.shape)
+            raise bad("steps[-1].head", f"describes a layer {name}.{layer} of {size} outputs"
+                      f"{'' if fan_in is None else f' from {fan_in} inputs'}, but the file holds "
+                      f"{name}.{layer}.weight of shape {found}")

@@ -308,6 +308,9 @@ class StepConfig:
     precision: str = "float32"
     #: ``(lr multiplier, weight decay)`` of each trainable parameter, in the step's order
     rates: tuple[tuple[float, float], ...] = ()
+    #: ``TrainSpec.guard``: the step checks its loss and gradients (see :func:`_train_step`); a
+    #: separate compilation, so that an unguarded step does not pay for the check
+    guard: bool = True
 
     @property
     def rule(self) -> TorchRule:
@@ -416,15 +419,42 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.array([jnp.isfinite(g).all() for g in jax.tree.leaves(tree)]))
 
 
+#: the guard's flag (an int32 scalar carried from step to step): every step so far was finite
+FLAG_OK = -1
+#: the guard's flag when the loss was not finite; ``i + 1``: the gradient of trainable parameter ``i``
+FLAG_LOSS = 0
+
+
+def _guard_flag(flag: jax.Array, loss: jax.Array, grads: list | None) -> jax.Array:
+    """The guard's flag after a step (see :data:`FLAG_OK`): ``flag`` when it was already set (sticky),
+    else :data:`FLAG_LOSS` for a non-finite ``loss``, else ``i + 1`` for the first of ``grads`` (None:
+    not checked) that is not finite, else :data:`FLAG_OK`. One reduction per gradient, to a bool
+    vector whose first False is found on the device (a few scalars: no host sync)."""
+    code = jnp.int32(FLAG_OK)
+    if grads:
+        finite = jnp.stack([jnp.isfinite(g).all() for g in grads])
+        code = jnp.where(finite.all(), code, 1 + jnp.argmin(finite).astype(jnp.int32))
+    code = jnp.where(jnp.isfinite(loss), code, jnp.int32(FLAG_LOSS))
+    return jnp.where(flag == FLAG_OK, code, flag)
+
+
 def _train_step(split: LeafSplit, cfg: StepConfig, traces: list[int], trainable: list, mutable: list,
-                const: list, opt_state: OptState, scale: LossScale | None, x: Inputs, y: jax.Array,
-                w: jax.Array | None, lr: jax.Array):
+                const: list, opt_state: OptState, scale: LossScale | None, flag: jax.Array | None, x: Inputs,
+                y: jax.Array, w: jax.Array | None, lr: jax.Array):
     """One step (traced under ``jax.jit``): gradient of the weighted mean loss (:func:`weighted_loss`,
     sample weights ``w`` or None) with respect to ``trainable`` only, optimizer update of
     ``trainable`` at base learning rate ``lr`` (a float32 scalar), the new ``mutable`` state from the
-    forward pass; returns ``(trainable, mutable, opt_state, scale, outputs)``, the outputs (logits)
-    of the forward pass in float32. ``const`` is never written. Under mixed precision the forward and
-    backward pass compute in ``cfg.precision`` (``scale``: float16's :class:`LossScale`, else None)."""
+    forward pass; returns ``(trainable, mutable, opt_state, scale, flag, outputs)``, the outputs
+    (logits) of the forward pass in float32. ``const`` is never written. Under mixed precision the
+    forward and backward pass compute in ``cfg.precision`` (``scale``: float16's :class:`LossScale`,
+    else None).
+
+    ``cfg.guard``: ``flag`` is the guard's int32 flag (:func:`_guard_flag`; None without the guard).
+    A step that sets it, or that finds it set, keeps every value it was given (weights, optimizer
+    state and counts, loss scale, and the whole ``mutable`` state: BatchNorm statistics, RNG counts);
+    the rates in the state are the step's, as torch sets its param groups' lr first. Under float16
+    only the loss is checked: an overflowing gradient is the loss scale's business (skipped, as
+    below)."""
     traces[0] += 1  # runs once per trace, i.e. once per compilation
     tx = cfg.rule
     dtype = COMPUTE_DTYPES[cfg.precision]
@@ -453,21 +483,37 @@ def _train_step(split: LeafSplit, cfg: StepConfig, traces: list[int], trainable:
         new_mutable = [_as_dtype(leaves[i], old.dtype) for i, old in zip(split.mutable, mutable)]
         out = out.astype(jnp.float32)  # the loss in float32
         mean = weighted_loss(out, y, w, cfg.loss)
-        return mean if scale is None else mean * scale.scale, (out, new_mutable)
+        return mean if scale is None else mean * scale.scale, (out, new_mutable, mean)
 
-    grads, (out, new_mutable) = jax.grad(loss_fn, has_aux=True)(trainable)
+    grads, (out, new_mutable, mean) = jax.grad(loss_fn, has_aux=True)(trainable)
     if scale is not None:
         grads = jax.tree.map(lambda g: g / scale.scale, grads)
     new_trainable, new_opt_state = tx.update(grads, opt_state, trainable, lr)
+    if cfg.guard:
+        flag = _guard_flag(flag, mean, grads if scale is None else None)
+        if scale is None:
+            finite = flag == FLAG_OK
+        else:  # the guard refuses the step, else the loss scale decides; neither changes the scale then
+            finite_grads = _all_finite(grads)
+            finite = (flag == FLAG_OK) & finite_grads
+            scale = jax.tree.map(lambda n, o: jnp.where(flag == FLAG_OK, n, o), scale.adjust(finite_grads), scale)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        kept = keep(new_opt_state, opt_state)._replace(lr=new_opt_state.lr)
+        if scale is None:  # refused: nothing the forward pass wrote is kept (RNG counts included)
+            new_mutable = keep(new_mutable, mutable)
+        else:  # refused: nothing kept; skipped by the loss scale: the float state (statistics) kept
+            new_mutable = [jnp.where(flag == FLAG_OK, n, o) if not jnp.issubdtype(o.dtype, jnp.floating) else
+                           jnp.where(finite, n, o) for n, o in zip(new_mutable, mutable)]
+        return keep(new_trainable, trainable), new_mutable, kept, scale, flag, out
     if scale is None:
-        return new_trainable, new_mutable, new_opt_state, None, out
+        return new_trainable, new_mutable, new_opt_state, None, None, out
     finite = _all_finite(grads)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_mutable = [keep(n, o) if jnp.issubdtype(o.dtype, jnp.floating) else n for n, o in zip(new_mutable, mutable)]
     # a skipped step keeps the weights, moments and step counts (as GradScaler skips optimizer.step());
     # the rates are the step's, as torch sets its param groups' lr before
     kept = keep(new_opt_state, opt_state)._replace(lr=new_opt_state.lr)
-    return keep(new_trainable, trainable), new_mutable, kept, scale.adjust(finite), out
+    return keep(new_trainable, trainable), new_mutable, kept, scale.adjust(finite), None, out
 
 
 @dataclass
@@ -593,7 +639,7 @@ class JaxTrainer(Trainer):
         #: tlcore names of the trainable parameters, in the step's order
         self.names = [name_of[path] for path in self.split.paths[:len(self.split.trainable)]]
         self.cfg = StepConfig(rule_of(spec.optimizer), as_loss(spec.loss), spec.clip_grad_norm, part.frozen_bn,
-                              spec.precision, param_rates(spec, self.names, model.rng_prefix))
+                              spec.precision, param_rates(spec, self.names, model.rng_prefix), spec.guard)
         key = (treedef, self.cfg)
         if key not in cache:
             cache[key] = compiled_step(self.split, self.cfg)
@@ -603,8 +649,13 @@ class JaxTrainer(Trainer):
         self.trainable = self.mutable = self.const = None
         self.opt_state: OptState | None = None
         self.loss_scale: LossScale | None = None
-        self.updates = 0   # steps dispatched since the last reset (the schedule's step when no lr is given)
+        #: the guard's flag on the device (see :func:`_guard_flag`), carried from step to step; None
+        #: without the guard. The host reads it when it copies a step's outputs (:attr:`nonfinite`)
+        self.flag: jax.Array | None = None
+        self.updates = 0   # steps applied since the last reset (the schedule's step when no lr is given)
         self.started, self._dirty = False, False
+        #: flags of dispatched steps the host has not read yet (:meth:`_check_flags`)
+        self._unread: list[jax.Array] = []
 
     # ------------------------------------------------------------------ runs
     def reset(self, seed: int) -> None:
@@ -615,6 +666,7 @@ class JaxTrainer(Trainer):
         self.updates = 0
         self.opt_state = self.compiled.init(self.trainable, np.float32(self._base_lr(None)))
         self.loss_scale = LossScale.initial() if self.cfg.precision == "float16" else None
+        self._clear_flag()
         self.compilations = 0
         self.started = True
 
@@ -627,8 +679,14 @@ class JaxTrainer(Trainer):
             self.opt_state = self.compiled.init(self.trainable, np.float32(self._base_lr(None)))
         if self.cfg.precision == "float16" and self.loss_scale is None:
             self.loss_scale = LossScale.initial()
+        self._clear_flag()
         self.compilations = 0
         self.started = True
+
+    def _clear_flag(self) -> None:
+        """No step refused (a new or continued run): :attr:`nonfinite` None, the device flag clear."""
+        self.nonfinite, self._unread = None, []
+        self.flag = jnp.int32(FLAG_OK) if self.cfg.guard else None
 
     def _read_module(self) -> None:
         leaves = jax.tree.leaves(self.module)
@@ -641,6 +699,7 @@ class JaxTrainer(Trainer):
             self.reset(self.spec.seed)
 
     def finish(self) -> None:
+        self._check_flags(self._unread)  # steps dispatched but not read (an epoch interrupted)
         if self._dirty:
             variables = _variables(self.module)
             for i, value in zip((*self.split.trainable, *self.split.mutable), (*self.trainable, *self.mutable)):
@@ -718,7 +777,10 @@ class JaxTrainer(Trainer):
         (float32 numpy)."""
         self._ensure_started()
         check_call(self.module, x)
-        return np.asarray(self._dispatch(to_device(x), _labels(y), _weights(w), np.float32(self._base_lr(lr))))
+        out = self._dispatch(to_device(x), _labels(y), _weights(w), np.float32(self._base_lr(lr)))
+        out = np.asarray(out)
+        self._check_flags(self._unread)
+        return out
 
     def epoch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None, batches: list,
               on_step: Callable[[int], Any] = lambda n: None, lrs: list[float] | None = None) -> list[np.ndarray]:
@@ -731,7 +793,10 @@ class JaxTrainer(Trainer):
         rates = None if lrs is None else np.asarray(lrs, dtype=np.float32)
         outs: list[np.ndarray] = []
         pending: deque[jax.Array] = deque()
+        self._check_flags(self._unread)
         for i, b in enumerate(batches):
+            if self.nonfinite is not None and i:  # a step was refused (see below): stop dispatching
+                break
             lr = np.float32(self._base_lr(None)) if rates is None else rates[i]
             out = self._dispatch(take(x, b), y[b], None if w is None else w[b], lr)
             out.copy_to_host_async()
@@ -739,24 +804,47 @@ class JaxTrainer(Trainer):
             on_step(1)
             if len(pending) > self.PIPELINE_DEPTH:
                 outs.append(np.asarray(pending.popleft()))
-        outs.extend(np.asarray(out) for out in pending)
+                self._check_flags(self._unread[:1])
+        while pending and not (self.nonfinite is not None and outs):
+            outs.append(np.asarray(pending.popleft()))
+            self._check_flags(self._unread[:1])
+        # the steps dispatched after the refused one changed nothing (the flag is sticky on the device)
+        self._check_flags(self._unread)
         return outs
+
+    def _check_flags(self, flags: list[jax.Array]) -> None:
+        """Read the flags of the oldest dispatched steps (``flags``, the start of ``_unread``, already
+        on their way to the host); at the first that is set, name the tensor in :attr:`nonfinite` and
+        uncount it and every step dispatched after it from :attr:`updates` (they changed nothing)."""
+        for flag in list(flags):
+            self._unread.pop(0)
+            if self.nonfinite is None and int(flag) != FLAG_OK:
+                code = int(flag)
+                self.nonfinite = "loss" if code == FLAG_LOSS else self.names[code - 1]
+                self.updates -= 1 + len(self._unread)
+                self._unread = []
+                return
 
     def _dispatch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None, lr: np.float32) -> jax.Array:
         """Run the compiled step on a converted batch; its outputs stay on the device."""
         before = self.compiled.traces[0]
-        self.trainable, self.mutable, self.opt_state, self.loss_scale, out = self.compiled.fn(
-            self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, x, y, w, lr)
+        self.trainable, self.mutable, self.opt_state, self.loss_scale, self.flag, out = self.compiled.fn(
+            self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, self.flag, x, y, w, lr)
         self.compilations += self.compiled.traces[0] - before
-        self.updates += 1
         self._dirty = True
+        if self.flag is not None:
+            if self.nonfinite is not None:  # refused on the device too (sticky): not counted, nothing to read
+                return out
+            self.flag.copy_to_host_async()
+            self._unread.append(self.flag)
+        self.updates += 1
         return out
 
     def _args(self, x: Inputs, y: np.ndarray, w: np.ndarray | None = None) -> tuple:
         self._ensure_started()
         check_call(self.module, x)
-        return (self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, to_device(x),
-                _labels(y), _weights(w), np.float32(self._base_lr(None)))
+        return (self.trainable, self.mutable, self.const, self.opt_state, self.loss_scale, self.flag,
+                to_device(x), _labels(y), _weights(w), np.float32(self._base_lr(None)))
 
     def jaxpr(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> jax.extend.core.ClosedJaxpr:
         """The step's jaxpr for one batch, traced afresh (not counted as a compilation); to inspect

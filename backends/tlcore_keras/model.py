@@ -169,9 +169,23 @@ class KerasModel(Model):
     # ---------------------------------------------------------------- running
     def _check_inputs(self, x: Any) -> None:
         """A graph model's named inputs must all be in a dict batch (and no other key), a tuple must
-        have one array per input, and each array the shape its input takes (see :class:`ModelInputs`)."""
-        if self._input_spec is not None:
-            self._input_spec.check(x)
+        have one array per input, and each array the shape its input takes (see :class:`ModelInputs`);
+        an integer input (token ids) takes whole numbers within its dtype's range: the cast to it would
+        truncate or wrap others silently (uint8 pixels, which tlcore gives as float32, stay whole)."""
+        spec = self._input_spec
+        if spec is None:
+            return
+        for key, dtype, a in zip(spec.names, spec.dtypes, spec.check(x)):
+            if dtype.kind not in "iu" or a.dtype.kind not in "iuf" or a.size == 0:
+                continue
+            info = np.iinfo(dtype)
+            low, high = a.min(), a.max()
+            fraction = a.dtype.kind == "f" and not np.array_equal(a, np.trunc(a))
+            if fraction or low < info.min or high > info.max:
+                where = f"x[{key!r}]" if isinstance(x, (dict, tuple)) else "x"
+                what = "values that are not whole numbers" if fraction else f"values from {low} to {high}"
+                raise data.DataError(f"{where} holds {what}, but the input {key!r} takes {dtype} (e.g. token ids); "
+                                     "give integers in its range")
 
     def _to_inputs(self, x: Any) -> Any:
         """A numpy batch as the model is called: a graph model's inputs put in its order and cast to

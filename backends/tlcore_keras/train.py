@@ -78,7 +78,7 @@ from tlcore.losses import LossSpec
 from tlcore.optim import OptimizerSpec, TrainSpec
 
 from . import PrecisionNotSupportedError
-from ._keras import InputLayer, flatten_layers, in_stateless_scope, keras, tf, variable_index
+from ._keras import InputLayer, flatten_layers, in_stateless_scope, keras, own_variables, tf, variable_index
 from .inputs import signature as signature_of
 from .inputs import structure_key
 from .shared import shared
@@ -535,6 +535,44 @@ def _from_state(value: Any, perm: tuple[int, ...] | None, shape: tuple, what: st
     return value
 
 
+#: the guard's flag (an int32 scalar carried from step to step): every step so far was finite
+FLAG_OK = -1
+#: the guard's flag when the loss was not finite; ``i + 1``: the gradient of trainable tensor ``i``
+FLAG_LOSS = 0
+
+
+def guard_flag(flag, loss, grads: list | None):
+    """The guard's flag after a step (see :data:`FLAG_OK`): ``flag`` when it was already set (sticky),
+    else :data:`FLAG_LOSS` for a non-finite ``loss``, else ``i + 1`` for the first of ``grads`` (None:
+    not checked; a None gradient counts as finite) that is not finite, else :data:`FLAG_OK`. One
+    reduction per gradient, to a bool vector whose first False is found in the graph."""
+    code = tf.constant(FLAG_OK, tf.int32)
+    present = [g for g in grads or () if g is not None]
+    if present:
+        finite = tf.stack([tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        code = tf.where(tf.reduce_all(finite), code,
+                        1 + tf.argmin(tf.cast(finite, tf.int32), output_type=tf.int32))
+    code = tf.where(tf.math.is_finite(loss), code, tf.constant(FLAG_LOSS, tf.int32))
+    return tf.where(tf.equal(flag, FLAG_OK), code, flag)
+
+
+def flag_name(flag: int, names: list[str]) -> str | None:
+    """:attr:`Trainer.nonfinite` for a flag read on the host."""
+    return None if flag == FLAG_OK else "loss" if flag == FLAG_LOSS else names[flag - 1]
+
+
+def written_variables(model: keras.Model, rng_vars: list, trainable: list) -> list:
+    """The variables a training forward pass of ``model`` may write, which a refused step restores:
+    the non-trainable variables that the layers which train create (BatchNorm moving statistics; a
+    frozen layer, ``trainable=False``, runs in inference mode and writes nothing) and the seed states."""
+    skip, out = {id(v) for v in trainable}, []
+    for layer in [model, *flatten_layers(model)]:
+        if layer.trainable:
+            out += [v for v in own_variables(layer)[1] if id(v) not in skip]
+    out += [v for _, v in rng_vars]
+    return list({id(v): v for v in out}.values())
+
+
 class KerasTrainer(Trainer):
     """One ``tf.function`` training step for a fixed trainable set.
 
@@ -556,6 +594,11 @@ class KerasTrainer(Trainer):
     ``learning_rate`` inside the compiled step (no eager assign per step); the multipliers and decays
     are constants of the step. The weights, optimizer state and seed states live in the Keras
     variables, so :meth:`resume` has nothing to re-read.
+
+    ``spec.guard``: the step keeps a flag in a variable (:func:`guard_flag`: sticky, one reduction per
+    gradient) and applies the update only while it is clear (``tf.cond``); a refused step assigns the
+    values the forward pass overwrote (:func:`written_variables`, read before it) back. The step
+    returns the flag with the outputs, so :attr:`nonfinite` is set when the step returns.
     """
 
     def __init__(self, model: keras.Model, tensors: list, rng_vars: list, spec: TrainSpec,
@@ -573,6 +616,11 @@ class KerasTrainer(Trainer):
             (self.scaler or self.optimizer).build(self.variables)
         self.jit_compile = jit_compile
         self._fns: dict[tuple, object] = {}
+        self.guard = spec.guard
+        if self.guard:
+            with tf.init_scope():
+                self._flag = tf.Variable(FLAG_OK, dtype=tf.int32, trainable=False, name="tlcore_nonfinite")
+            self.written = written_variables(model, rng_vars, self.variables)
         self._zero_state = None
         #: the rate a step without one runs at: the optimizer's lr when it is a number, else the last one
         self._lr = float(spec.optimizer.schedule.lr_at(0))
@@ -604,33 +652,64 @@ class KerasTrainer(Trainer):
             self._dirty = False
         self._same_steps = True
         seed_rngs(self.rng_vars, seed)
+        self._clear_flag()
         self.compilations = 0
 
     def resume(self) -> None:
         """Continue the run: the weights, optimizer state, step counts, loss scale and seed states are
         the Keras variables themselves (a ``load_state`` in between already wrote them)."""
+        self._clear_flag()
         self.compilations = 0
 
+    def _clear_flag(self) -> None:
+        if self.nonfinite is not None:
+            self._flag.assign(FLAG_OK)  # (set only by a guarded step)
+        self.nonfinite = None
+
     def _train_step(self, x, y, w, lr):
-        """One step at base rate ``lr``; returns the float32 outputs of its training forward pass."""
+        """One step at base rate ``lr``; returns the float32 outputs of its training forward pass (and
+        with the guard, the flag after it)."""
         self.compilations += 1  # runs once per trace
+        # what the forward pass overwrites, read before it (a read shares the variable's buffer: an
+        # assign after it writes a new one, so this costs no copy)
+        before = [v.value.read_value() for v in self.written] if self.guard else []
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             for v in self.variables:
                 tape.watch(v.value)
             out = tf.cast(self.model(x, training=True), tf.float32)  # the loss in float32
             loss = weighted_loss(out, y, w, self.spec.loss)
             extra = self.model.losses  # regularisation terms of the model's layers, as Keras' fit adds
-            objective = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) if extra else loss
+            objective = unscaled = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) if extra else loss
             if self.scaler is not None:
                 objective = self.scaler.scale_loss(objective)
+        grads = None
         if self.optimizer is not None:
             self.optimizer.learning_rate.assign(lr)  # inside the step: Keras passes it to update_step
-            grads = tape.gradient(objective, [v.value for v in self.variables])
-            if self.scaler is None:
+            grads = dense(tape.gradient(objective, [v.value for v in self.variables]))
+
+        def update():
+            if self.optimizer is None:
+                pass
+            elif self.scaler is None:
                 self.optimizer.apply(grads, self.variables)
             else:  # unscaled, clipped and applied only when every gradient is finite (else the scale halves)
-                self.scaler.apply(dense(grads), self.variables)
-        return out
+                self.scaler.apply(grads, self.variables)
+            return tf.constant(True)
+
+        if not self.guard:
+            update()
+            return out
+        # under float16 an overflowing gradient is the loss scale's business: only the loss is checked
+        flag = guard_flag(self._flag.read_value(), unscaled, grads if self.scaler is None else None)
+        self._flag.assign(flag)
+
+        def refuse():
+            for v, value in zip(self.written, before):
+                v.value.assign(value)
+            return tf.constant(False)
+
+        tf.cond(tf.equal(flag, FLAG_OK), update, refuse)
+        return out, flag
 
     def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> np.ndarray:
         """Train on one batch at base rate ``lr``; return the outputs (logits) of its training forward
@@ -661,8 +740,17 @@ class KerasTrainer(Trainer):
                                  autograph=False).get_concrete_function()
             self._fns[key] = fn
             with precision_errors(self.spec.precision):  # a missing kernel shows on the first run
-                return fn(*args).numpy()
-        return fn(*args).numpy()
+                return self._outputs(fn(*args))
+        return self._outputs(fn(*args))
+
+    def _outputs(self, result) -> np.ndarray:
+        """The step's outputs as numpy; with the guard, :attr:`nonfinite` set from its flag."""
+        if not self.guard:
+            return result.numpy()
+        out, flag = result
+        if self.nonfinite is None:
+            self.nonfinite = flag_name(int(flag), [t.name for t in self.tensors])
+        return out.numpy()
 
     def export_state(self) -> dict:
         slots: dict[str, dict] = {}
@@ -739,6 +827,11 @@ class SharedStepTrainer(Trainer):
         spec: the training spec.
         key: the model's structure (with the rates and the spec, see :func:`shared_step_key`).
         prefix: prepended to the tensor names to look up their rates (see :func:`param_rates`).
+
+    ``spec.guard``: the steps carry the guard's flag (:func:`guard_flag`) through the graph loop with
+    the step that set it; a step that sets it or finds it set returns every value it was given (the
+    rates in ``group_lr`` excepted, as torch sets its param groups' lr first). The host reads both
+    after the call and returns the outputs up to the refused step.
     """
 
     def __init__(self, model: keras.Model, tensors: list, rng_vars: list, spec: TrainSpec, key: tuple,
@@ -764,6 +857,8 @@ class SharedStepTrainer(Trainer):
             self.offsets = tf.zeros((len(self.weights),), tf.int64)
             self._same_steps = True
             self.group_lr = tf.constant(np.asarray(self.optimizer.multipliers) * self._lr, tf.float64)
+        self.flag = tf.constant(FLAG_OK, tf.int32) if self.spec.guard else None
+        self.nonfinite = None
         self.compilations = 0
 
     def reset(self, seed: int) -> None:
@@ -777,38 +872,52 @@ class SharedStepTrainer(Trainer):
         (or a ``load_state`` since)."""
         self._start(zero=False)
 
-    def _pure_step(self, x, y, w, lr, weights, states, slots, iteration, offsets, same: bool):
+    def _pure_step(self, x, y, w, lr, weights, states, slots, iteration, offsets, flag, same: bool):
         _traces[0] += 1
         with tf.GradientTape() as tape:
             tape.watch(weights)
-            out, states, extra = self.model.stateless_call(weights, states, x, training=True, return_losses=True)
+            out, new_states, extra = self.model.stateless_call(weights, states, x, training=True,
+                                                               return_losses=True)
             out = tf.cast(out, tf.float32)
             loss = weighted_loss(out, y, w, self.spec.loss)
             objective = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) if extra else loss
         grads = dense(tape.gradient(objective, weights))
+        if flag is not None:
+            flag = guard_flag(flag, objective, grads)
         if self.spec.clip_grad_norm is not None:
             grads = clip_by_global_norm(grads, self.spec.clip_grad_norm)
         group, rates = self.optimizer.rates_of(lr, iteration, offsets, same)
         updated = [self.optimizer.rule(w, g, slot, rate) for w, g, slot, rate in zip(weights, grads, slots, rates)]
-        return (out, [u[0] for u in updated], states, [u[1] for u in updated], iteration + 1, group)
+        new = ([u[0] for u in updated], new_states, [u[1] for u in updated], iteration + 1)
+        if flag is not None:  # refused: every value as it was
+            ok = tf.equal(flag, FLAG_OK)
+            new = tf.nest.map_structure(lambda n, o: tf.where(ok, n, o), new, (weights, states, slots, iteration))
+        return (out, *new, group, flag)
 
-    def _pure_steps(self, x, y, w, batches, lrs, weights, states, slots, iteration, offsets, group, same: bool):
+    def _pure_steps(self, x, y, w, batches, lrs, weights, states, slots, iteration, offsets, group, flag,
+                    same: bool):
         """One step per row of ``batches`` (indices into ``x``, ``y`` and ``w``; ``w`` may be None) at
         the base rates ``lrs``, in a graph loop; returns each step's outputs stacked, ``(steps, batch,
-        ...)``, and the new values. ``same``: every variable has the same step count."""
+        ...)``, and the new values. ``same``: every variable has the same step count. ``flag``: the
+        guard's (None without it); then the values end with the new flag and the index of the step
+        that set it (-1: none)."""
         n = tf.shape(batches)[0]
 
-        def body(i, weights, states, slots, iteration, group, outs):
+        def body(i, weights, states, slots, iteration, group, outs, *guard):
             ids = batches[i]
-            out, weights, states, slots, iteration, group = self._pure_step(
+            out, weights, states, slots, iteration, group, new_flag = self._pure_step(
                 tf.gather(x, ids), tf.gather(y, ids), None if w is None else tf.gather(w, ids), lrs[i],
-                weights, states, slots, iteration, offsets, same)
-            return i + 1, weights, states, slots, iteration, group, outs.write(i, out)
+                weights, states, slots, iteration, offsets, guard[0] if guard else None, same)
+            if guard:
+                flag, at = guard
+                guard = (new_flag, tf.where(tf.equal(flag, FLAG_OK) & tf.not_equal(new_flag, FLAG_OK), i, at))
+            return (i + 1, weights, states, slots, iteration, group, outs.write(i, out), *guard)
 
         outs = tf.TensorArray(tf.float32, size=n)
-        _, weights, states, slots, iteration, group, outs = tf.while_loop(
-            lambda i, *_: i < n, body, [tf.constant(0), weights, states, slots, iteration, group, outs])
-        return outs.stack(), weights, states, slots, iteration, group
+        guard = () if flag is None else (flag, tf.constant(-1))
+        _, weights, states, slots, iteration, group, outs, *guard = tf.while_loop(
+            lambda i, *_: i < n, body, [tf.constant(0), weights, states, slots, iteration, group, outs, *guard])
+        return (outs.stack(), weights, states, slots, iteration, group, *guard)
 
     def _function(self, x: np.ndarray, y: np.ndarray, weighted: bool):
         same = self._same_steps or not self.optimizer.uses_step
@@ -821,26 +930,36 @@ class SharedStepTrainer(Trainer):
                          tf.TensorSpec((None, None), tf.int64), tf.TensorSpec((None,), tf.float32),
                          [spec(w) for w in self.weights], [spec(v) for v in self.states],
                          [{n: spec(v) for n, v in slot.items()} for slot in self.slots],
-                         tf.TensorSpec((), tf.int64), spec(self.offsets), spec(self.group_lr)]
-            pure = (lambda *args: self._pure_steps(*args, same=same)) if weighted else \
-                (lambda x, y, *rest: self._pure_steps(x, y, None, *rest, same=same))
+                         tf.TensorSpec((), tf.int64), spec(self.offsets), spec(self.group_lr),
+                         *([tf.TensorSpec((), tf.int32)] if guard else [])]
+            steps = self._pure_steps if guard else lambda *args, same: self._pure_steps(*args, None, same=same)
+            pure = (lambda *args: steps(*args, same=same)) if weighted else \
+                (lambda x, y, *rest: steps(x, y, None, *rest, same=same))
             return tf.function(pure, input_signature=signature, autograph=False)
 
+        guard = self.spec.guard  # (in self.key too: the spec is)
         return shared(("steps", self.key, x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str, weighted, same), make)
 
     def _run(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None, batches: np.ndarray,
              lrs: list[float]) -> np.ndarray:
         """The steps of ``batches`` at base rates ``lrs`` in one call; their outputs stacked, ``(steps,
-        batch, ...)``."""
+        batch, ...)``, up to the step the guard refused (where one set :attr:`nonfinite`)."""
         before = _traces[0]
         args = (x, y) if w is None else (x, y, w)
+        guard = () if self.flag is None else (self.flag,)
         with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
-            outs, self.weights, self.states, self.slots, self.iteration, self.group_lr = \
+            outs, self.weights, self.states, self.slots, self.iteration, self.group_lr, *guard = \
                 self._function(x, y, w is not None)(*args, batches, np.asarray(lrs, np.float32), self.weights,
                                                      self.states, self.slots, self.iteration, self.offsets,
-                                                     self.group_lr)
+                                                     self.group_lr, *guard)
         self.compilations += _traces[0] - before
-        return outs.numpy()
+        outs = outs.numpy()
+        if guard:
+            self.flag, at = guard
+            if self.nonfinite is None and int(at) >= 0:
+                self.nonfinite = flag_name(int(self.flag), [t.name for t in self.tensors])
+                return outs[:int(at) + 1]
+        return outs
 
     def step(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> np.ndarray:
         if lr is None:
@@ -856,13 +975,15 @@ class SharedStepTrainer(Trainer):
         it. Returns each step's outputs."""
         ids = [np.arange(len(x))[b] for b in batches]
         lrs = [self._lr] * len(ids) if lrs is None else list(lrs)
+        if self.nonfinite is not None:  # refused already: one step (that changes nothing), as Trainer.epoch
+            ids, lrs = ids[:1], lrs[:1]
         if lrs:
             self._lr = lrs[-1]
         full = [i for i in ids if len(i) == len(ids[0])]
-        outs = list(self._run(x, y, w, np.stack(full), lrs[:len(full)]))
-        if len(full) < len(ids):
-            outs.append(self._run(x, y, w, ids[-1][None], lrs[len(full):])[0])
-        on_step(len(ids))
+        outs = list(self._run(x, y, w, np.stack(full), lrs[:len(full)])) if full else []
+        if len(full) < len(ids) and (self.nonfinite is None or not outs):
+            outs += list(self._run(x, y, w, ids[-1][None], lrs[len(full):]))
+        on_step(len(outs))
         return outs
 
     def finish(self) -> None:

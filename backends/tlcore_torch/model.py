@@ -118,12 +118,17 @@ class TorchModel(Model):
         apply_mask(self._params(), resolved)
 
     def _verify_native(self) -> None:
+        """Every parameter's ``requires_grad`` must still be the mask's: one set by hand would train a
+        frozen tensor (or not train a trainable one) behind tlcore's back; each one is named."""
         mask = self._resolved.mask
         odd = [n for n, p in self._params().items() if p.requires_grad != mask[n]]
         if odd:
+            turned = sum(not mask[n] for n in odd)
             raise FreezePolicyError(
-                f"requires_grad of {odd[:5]} was changed outside tlcore, so it no longer matches trainable_mask(); "
-                "change what trains with model.freeze(tl.FreezePolicy...) instead")
+                f"requires_grad of {odd[:5]}{f' and {len(odd) - 5} more' if len(odd) > 5 else ''} was changed "
+                f"outside tlcore ({turned} frozen tensor(s) set to True, {len(odd) - turned} trainable one(s) to "
+                "False), so it no longer matches trainable_mask(); nothing was trained: change what trains with "
+                "model.freeze(tl.FreezePolicy...) instead")
 
     # ---------------------------------------------------------------- inference
     @property
@@ -194,8 +199,10 @@ class TorchModel(Model):
         prefix = f"{self._head}."
         inner = head.after_pool() if isinstance(head, HeadModule) else head
         names = layer_names(inner)
-        return TorchModel(inner, layers=names, kinds={n: self._kinds.get(prefix + n, "") for n in names},
+        view = TorchModel(inner, layers=names, kinds={n: self._kinds.get(prefix + n, "") for n in names},
                           input_shape=None, head_spec=self.head_spec, nhwc=self.nhwc)
+        view._rng = self._rng  # one random stream for the model and its head: a run goes on across stages
+        return view
 
     def _stochastic_layers(self) -> list[str]:
         return [n for n, m in self._naming()["modules"].items() if n and is_stochastic(m)]
@@ -234,6 +241,13 @@ class TorchModel(Model):
                 m.training = mode
 
     # ---------------------------------------------------------------- training
+    def _random_state(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy().copy() for k, v in self._rng.items()}
+
+    def _set_random_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self._rng.clear()
+        self._rng.update({k: torch.from_numpy(np.array(v, dtype=np.uint8)) for k, v in arrays.items()})
+
     def _make_trainer(self, spec: TrainSpec) -> TorchTrainer:
         modules = self._naming()["modules"]
         frozen_bn = [modules[u] for u in self._resolved.frozen_bn_units]

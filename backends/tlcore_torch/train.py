@@ -93,6 +93,11 @@ class TorchTrainer(Trainer):
         self.scaler = None
         self.steps = dict.fromkeys(self.named, 0)
         self.constant_lr = None if isinstance(spec.optimizer.lr, Schedule) else float(spec.optimizer.lr)
+        #: state the forward pass writes (running statistics of the BatchNorm layers that train),
+        #: restored after a step the guard refuses
+        frozen = {id(m) for m in frozen_bn}
+        self.written = [b for m in module.modules() if id(m) not in frozen and getattr(m, "track_running_stats", False)
+                        for b in m.buffers(recurse=False)]
 
     def reset(self, seed: int) -> None:
         """A new run: seed dropout, clear the optimizer state, set the training modes."""
@@ -104,7 +109,7 @@ class TorchTrainer(Trainer):
         if self.autocast is torch.float16 and self.optimizer is not None:
             self.scaler = torch.amp.GradScaler(self.device.type)
         self.steps = dict.fromkeys(self.named, 0)
-        self.compilations = 0
+        self.compilations, self.nonfinite = 0, None
         train_mode(self.module, self.frozen_bn)
 
     def resume(self) -> None:
@@ -115,7 +120,7 @@ class TorchTrainer(Trainer):
             torch.cuda.set_rng_state(self.rng["cuda"], self.device)
         if self.autocast is torch.float16 and self.optimizer is not None and self.scaler is None:
             self.scaler = torch.amp.GradScaler(self.device.type)
-        self.compilations = 0
+        self.compilations, self.nonfinite = 0, None
         train_mode(self.module, self.frozen_bn)
 
     def finish(self) -> None:
@@ -131,6 +136,7 @@ class TorchTrainer(Trainer):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["mult"]
         args, kwargs = self.to_module(x)
+        backup = [b.clone() for b in self.written] if self.spec.guard else None
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = primary_output(self.module(*args, **kwargs))
         yb = torch.from_numpy(y).to(self.device, non_blocking=True)
@@ -142,6 +148,16 @@ class TorchTrainer(Trainer):
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # clip and step on the true gradients
+        if backup is not None:
+            bad = self.nonfinite or self._first_nonfinite(loss)
+            if bad is not None:  # the step changes nothing: statistics back, no update
+                if self.written:
+                    torch._foreach_copy_(self.written, backup)
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite = bad
+                return out.detach().cpu().numpy()
+        if self.optimizer is not None:
             if self.spec.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(self.params, self.spec.clip_grad_norm, foreach=True)
             if self.scaler is None:
@@ -152,6 +168,21 @@ class TorchTrainer(Trainer):
             for name in self.steps:
                 self.steps[name] += 1
         return out.detach().cpu().numpy()
+
+    def _first_nonfinite(self, loss: torch.Tensor) -> str | None:
+        """``"loss"``, the name of the first parameter whose gradient is not finite, or None. Under
+        float16 an overflowing gradient is the loss scaler's business (it skips the step and lowers
+        the scale), so only the loss is checked there."""
+        if not bool(torch.isfinite(loss)):
+            return "loss"
+        if self.scaler is not None or self.optimizer is None:
+            return None
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads or bool(torch.isfinite(nn.utils.get_total_norm(grads, foreach=True))):
+            return None
+        # None when every gradient is finite and only their norm overflowed
+        return next((name for name, p in self.named.items()
+                     if p.grad is not None and not bool(p.grad.isfinite().all())), None)
 
     def export_state(self) -> dict:
         slots = {}

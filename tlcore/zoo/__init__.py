@@ -16,11 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ZooError, unknown_name_message
-from .archs import ARCHITECTURES, config_for, default_input_shape, input_shape_for
+from ..errors import BackendNotFoundError, ZooConfigError, ZooError, short_repr, unknown_name_message
+from ..head import MAX_PARAMS
+from .archs import ARCHITECTURES, MAX_ACTIVATION, config_for, default_input_shape, input_shape_for
 from ..init import init_state
 
-__all__ = ["ARCHITECTURES", "PRETRAINED", "create", "names", "pretrained_tags", "init_state"]
+__all__ = ["ARCHITECTURES", "MAX_ACTIVATION", "MAX_PARAMS", "PRETRAINED", "ZooConfigError", "create", "names",
+           "pretrained_tags", "init_state"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -65,24 +67,36 @@ def create(name: str, backend: str = "torch", num_classes: int | None = None, se
             PyTorch's key layout, e.g. torchvision's ResNet-18 weights.
         **config: the architecture's options (see ``tlcore.zoo.archs``).
 
+    Every option is checked before anything is built (see :func:`tlcore.zoo.archs.config_for`): a value
+    of the wrong type (``widths=[4.5]``, ``num_classes=True``), out of bounds, or describing more than
+    :data:`MAX_PARAMS` parameters raises :class:`tl.ZooConfigError`.
+
     Raises:
         UnknownArchitectureError, UnknownPretrainedError: the name or tag does not exist.
-        tl.CheckpointError: ``weights`` is missing, corrupted or does not fit.
+        ZooConfigError: an option has the wrong type or is out of bounds.
+        tl.CheckpointError: ``weights`` is missing, corrupted (a tlcore checkpoint's checksum is
+            verified) or does not fit.
     """
-    from ..checkpoint import read, read_state_dict
+    from ..checkpoint import CheckpointMismatchError, read, read_state_dict, single_line
+    from ..data import check_seed
     from ..workflow import fit_state_dict
 
-    if name not in ARCHITECTURES:
-        raise UnknownArchitectureError(unknown_name_message("zoo architecture", name, names()))
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise UnknownArchitectureError(unknown_name_message("zoo architecture", short_repr(name), names()))
+    if not isinstance(backend, str):
+        raise BackendNotFoundError(f"backend must be a name such as 'torch', got {short_repr(backend)}")
+    seed = check_seed(seed)
     if pretrained is not None and weights is not None:
         raise ZooError("give `pretrained` or `weights`, not both")
     arrays = None
     if pretrained is not None:
         tags = PRETRAINED.get(name, {})
-        if pretrained not in tags:
-            raise UnknownPretrainedError(unknown_name_message(f"pretrained tag for {name!r}", pretrained, sorted(tags)))
+        if not isinstance(pretrained, str) or pretrained not in tags:
+            raise UnknownPretrainedError(unknown_name_message(f"pretrained tag for {name!r}", short_repr(pretrained),
+                                                              sorted(tags)))
         file, tag_config, _ = tags[pretrained]
         given = {**config, **({} if num_classes is None else {"num_classes": num_classes})}
+        config_for(name, {**tag_config, **given})  # the given values are checked before they are compared
         clash = {k: v for k, v in given.items() if k in tag_config and _same(v) != _same(tag_config[k])}
         if clash:
             raise ZooError(f"pretrained {pretrained!r} is a {name} with {tag_config}; it cannot have {clash}. "
@@ -95,7 +109,10 @@ def create(name: str, backend: str = "torch", num_classes: int | None = None, se
     if weights is not None:
         arrays = read_state_dict(weights)
     model = _build(name, backend, cfg)
-    model.load_state(init_state(model.state(), seed) if arrays is None else fit_state_dict(model, arrays))
+    try:
+        model.load_state(init_state(model.state(), seed) if arrays is None else fit_state_dict(model, arrays))
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{str(weights)!r}: {single_line(e)}") from None
     if pretrained is not None:
         model.meta["pretrained"] = pretrained
     return model

@@ -22,9 +22,12 @@ Example:
 """
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ZooError, unknown_name_message
+from ..errors import ZooConfigError, ZooError, short_repr, unknown_name_message
+from ..head import MAX_PARAMS, MAX_SIZE, dense_params
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "mlp": {"in_features": 64, "hidden": (128, 64), "num_classes": 10},
@@ -35,31 +38,130 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
+#: per option: (smallest, largest) value; sequences (``hidden``, ``widths``) bound each size and
+#: their length separately (see :data:`SEQUENCE_LENGTHS`)
+BOUNDS: dict[str, tuple[int, int]] = {
+    "in_features": (1, MAX_SIZE), "hidden": (1, MAX_SIZE), "num_classes": (1, MAX_SIZE),
+    "in_channels": (1, 2 ** 16), "input_size": (1, 2 ** 16), "widths": (1, MAX_SIZE), "width": (1, 2 ** 16),
+    "image_size": (1, 2 ** 16), "patch_size": (1, 2 ** 16), "dim": (1, 2 ** 16), "depth": (1, 1024),
+    "heads": (1, 2 ** 16), "mlp_ratio": (1, 1024),
+}
+SEQUENCE_LENGTHS = {"hidden": 256, "widths": 32}
+#: the most values one activation of a zoo model may hold for one sample (2**28: 1 GiB of float32),
+#: checked for the sizes a model is built for (``vit_tiny``'s attention over its tokens, the
+#: ``input_size`` a convolutional model is summarised at, an input shape read from a checkpoint)
+MAX_ACTIVATION = 2 ** 28
+
+
 def config_for(name: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The full, checked config of ``name``: defaults overridden by ``given``."""
+    """The full, checked config of ``name``: defaults overridden by ``given``.
+
+    Every value is checked before anything is built: its type (ints, not floats or bools; sequences of
+    ints for ``hidden``/``widths``), its bounds (:data:`BOUNDS`), and the size of what it describes:
+    at most :data:`MAX_PARAMS` parameters (:func:`num_state_values`) and :data:`MAX_ACTIVATION` values
+    in one activation.
+
+    Raises:
+        ZooError: an unknown option; ZooConfigError: a value of the wrong type, out of bounds or too big.
+    """
     defaults = ARCHITECTURES[name]
+    if not isinstance(given, dict):
+        raise ZooConfigError(f"{name}: the config must be a dict of options, got {short_repr(given)}")
     unknown = [k for k in given if k not in defaults]
     if unknown:
-        raise ZooError(unknown_name_message(f"option for {name!r}", unknown[0], list(defaults)))
+        raise ZooError(unknown_name_message(f"option for {name!r}", short_repr(unknown[0]), list(defaults)))
     cfg = {**defaults, **given}
-    for key in ("hidden", "widths"):
-        if key in cfg:
-            cfg[key] = tuple(int(v) for v in cfg[key])
-            if not cfg[key] or min(cfg[key]) < 1:
-                raise ZooError(f"{name}: {key} must be a non-empty tuple of ints >= 1, got {cfg[key]!r}")
     for key, value in cfg.items():
-        if key not in ("hidden", "widths") and (not isinstance(value, int) or value < 1):
-            raise ZooError(f"{name}: {key} must be an int >= 1, got {value!r}")
+        low, high = BOUNDS[key]
+        if key in SEQUENCE_LENGTHS:
+            longest = SEQUENCE_LENGTHS[key]
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not 1 <= len(value) <= longest \
+                    or not all(_is_int(v) and low <= v <= high for v in value):
+                raise ZooConfigError(f"{name}: {key} must be a non-empty sequence of at most {longest} ints in "
+                                     f"[{low}, {high}], got {short_repr(value)}")
+            cfg[key] = tuple(int(v) for v in value)
+        elif not _is_int(value) or not low <= value <= high:
+            raise ZooConfigError(f"{name}: {key} must be an int in [{low}, {high}], got {short_repr(value)}")
+        else:
+            cfg[key] = int(value)
     if name == "vit_tiny":
-        if cfg["image_size"] % cfg["patch_size"]:
-            raise ZooError(f"vit_tiny: image_size {cfg['image_size']} is not a multiple of patch_size {cfg['patch_size']}")
+        if cfg["patch_size"] > cfg["image_size"] or cfg["image_size"] % cfg["patch_size"]:
+            raise ZooConfigError(f"vit_tiny: image_size {cfg['image_size']} is not a multiple of patch_size "
+                                 f"{cfg['patch_size']}")
         if cfg["dim"] % cfg["heads"]:
-            raise ZooError(f"vit_tiny: dim {cfg['dim']} is not a multiple of heads {cfg['heads']}")
+            raise ZooConfigError(f"vit_tiny: dim {cfg['dim']} is not a multiple of heads {cfg['heads']}")
     if name == "small_cnn" and cfg["input_size"] < 2 ** (len(cfg["widths"]) - 1):
-        raise ZooError(f"small_cnn: input_size {cfg['input_size']} is too small for {len(cfg['widths'])} blocks")
+        raise ZooConfigError(f"small_cnn: input_size {cfg['input_size']} is too small for {len(cfg['widths'])} blocks")
     if name == "resnet18" and cfg["input_size"] < 32:
-        raise ZooError(f"resnet18: input_size must be >= 32, got {cfg['input_size']}")
+        raise ZooConfigError(f"resnet18: input_size must be >= 32, got {cfg['input_size']}")
+    n = num_state_values(name, cfg)
+    if n > MAX_PARAMS:
+        raise ZooConfigError(f"{name}: this config describes {n:,} parameters, more than tlcore.zoo.MAX_PARAMS = "
+                             f"{MAX_PARAMS:,}: {short_repr(given, 200)}")
+    if name == "vit_tiny":
+        check_activation(name, cfg, None)
+    elif name in ("small_cnn", "resnet18"):
+        check_activation(name, cfg, (cfg["input_size"], cfg["input_size"], cfg["in_channels"]), "input_size")
     return cfg
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def num_state_values(name: str, cfg: dict[str, Any]) -> int:
+    """How many values ``state()`` of zoo model ``name`` built from the checked ``cfg`` holds
+    (parameters and BatchNorm statistics), computed without building it.
+
+    Example:
+        >>> num_state_values("mlp", config_for("mlp", {"in_features": 4, "hidden": (8,), "num_classes": 3}))
+        67
+    """
+    nc = cfg["num_classes"]
+    if name == "mlp":
+        return dense_params([cfg["in_features"], *cfg["hidden"], nc])
+    if name == "small_cnn":
+        total, cin = 0, cfg["in_channels"]
+        for w in cfg["widths"]:
+            total, cin = total + cin * w * 9 + 4 * w, w  # conv 3x3 without bias, BatchNorm (4 per channel)
+        return total + dense_params([cin, nc])
+    if name == "resnet18":
+        w = cfg["width"]
+        total, cin = cfg["in_channels"] * w * 49 + 4 * w, w
+        for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
+            cout = w * mult
+            for block_in, block_stride in ((cin, stride), (cout, 1)):
+                total += block_in * cout * 9 + 4 * cout + cout * cout * 9 + 4 * cout
+                if block_stride != 1 or block_in != cout:
+                    total += block_in * cout + 4 * cout  # downsample: 1x1 conv and BatchNorm
+            cin = cout
+        return total + dense_params([cin, nc])
+    d, p = cfg["dim"], cfg["patch_size"]
+    tokens = (cfg["image_size"] // p) ** 2
+    hidden = d * cfg["mlp_ratio"]
+    block = 4 * d + dense_params([d, 3 * d]) + dense_params([d, d]) + dense_params([d, hidden, d])
+    return (cfg["in_channels"] * d * p * p + d) + (tokens + 2) * d + cfg["depth"] * block + 2 * d + dense_params([d, nc])
+
+
+def check_activation(name: str, cfg: dict[str, Any], shape: tuple[int | None, ...] | None, what: str = "input shape") -> None:
+    """Refuse (:class:`ZooConfigError`) sizes for which one activation of the model on one sample
+    would hold more than :data:`MAX_ACTIVATION` values: ``shape`` is a per-sample input (NHWC) of a
+    convolutional model; ``vit_tiny``'s sizes are all in ``cfg``."""
+    if name == "vit_tiny":
+        tokens = (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
+        largest = max(cfg["heads"] * tokens * tokens, tokens * cfg["dim"] * cfg["mlp_ratio"])
+        if largest > MAX_ACTIVATION:
+            raise ZooConfigError(f"vit_tiny: {tokens:,} tokens of dim {cfg['dim']} need activations of {largest:,} "
+                                 f"values per sample, more than tlcore.zoo.MAX_ACTIVATION = {MAX_ACTIVATION:,}")
+        return
+    if shape is None or name not in ("small_cnn", "resnet18"):
+        return
+    h, w = (1 if d is None else d for d in shape[:2])
+    widths = cfg["widths"] if name == "small_cnn" else (cfg["width"],)
+    largest = h * w * max(*widths, shape[2] or 1)
+    if largest > MAX_ACTIVATION:
+        raise ZooConfigError(f"{name}: an input of {tuple(shape)} per sample ({what}) needs activations of "
+                             f"{largest:,} values, more than tlcore.zoo.MAX_ACTIVATION = {MAX_ACTIVATION:,}")
 
 
 def input_shape_for(name: str, cfg: dict[str, Any]) -> tuple[int | None, ...]:
