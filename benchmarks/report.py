@@ -92,7 +92,8 @@ def markdown(report: dict) -> str:
                          f"{ratio(p['tlcore'], memory['tlcore']):.3f} | {total} |")
     if report.get("recipe"):
         lines += ["", "Recipe (cosine + layer decay 0.75 + no_decay, AdamW, everything trainable), ms/step: tlcore's "
-                  "recipe, tlcore with one plain AdamW rate, and a hand-written recipe loop (PyTorch only); a "
+                  "recipe, tlcore with one plain AdamW rate, and a hand-written recipe loop (PyTorch param groups; "
+                  "Optax multi_transform; none for Keras, whose optimizers take one rate for every variable); a "
                   "3-stage UnfreezeSchedule fit of two new models: seconds and compilations", "",
                   "| backend | workload | recipe ms | plain ms | recipe / plain | native recipe ms | recipe / native | "
                   "3 stages, 1st model: s (compilations) | 2nd model: s (compilations) |",

@@ -34,6 +34,12 @@ of the cast), the float32 master weights, the optimizer state and trainable Batc
 (computed and updated in float32) stay float32. ``float16`` uses dynamic loss scaling
 (:class:`LossScale`).
 
+The non-finite guard (``TrainSpec.guard``, static in :class:`StepConfig`: an unguarded step compiles
+without it) runs inside the compiled step: one finiteness reduction per gradient and the loss give an
+int32 flag (:func:`_guard_flag`) carried from step to step; while it is set, the step returns the
+values it was given (``jnp.where``), so the steps :meth:`JaxTrainer.epoch` dispatched after a refused
+one change nothing, and the host reads the flag only when it copies a step's outputs.
+
 Example:
     >>> trainer = model._make_trainer(TrainSpec(tl.optim.Adam(lr=1e-3)))   # doctest: +SKIP
     >>> trainer.reset(seed=0)                                               # doctest: +SKIP

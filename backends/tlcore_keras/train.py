@@ -53,6 +53,12 @@ float16 adds Keras' dynamic loss scaling (``LossScaleOptimizer``: a step whose g
 skipped and the scale halved). An operation with no 16-bit version raises
 :class:`PrecisionNotSupportedError` before anything is trained.
 
+The non-finite guard (``TrainSpec.guard``; without it, the step is traced without the check) is
+part of the compiled steps: one finiteness reduction per gradient and the loss give an int32 flag
+(:func:`guard_flag`), kept in a variable by :class:`KerasTrainer` (the update runs under ``tf.cond``;
+a refused step assigns back what its forward pass wrote) and carried through the graph loop by
+:class:`SharedStepTrainer` (``tf.where`` keeps every value).
+
 A compiled step belongs to one trainable set: ``KerasModel`` reuses it across fits only while the
 policy and the optimizer spec are unchanged, and builds a new one as soon as what trains changes, so
 changing ``trainable`` after compiling (the stale-compile pitfall, keras#6405) cannot happen.

@@ -80,3 +80,50 @@ class Native:
 
     def optimizer_state_bytes(self) -> int:
         return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self.opt_state)))
+
+
+class NativeRecipe:
+    """The recipe by hand with Optax: one ``optax.adamw`` per (layer-decay multiplier, decay) group
+    through ``optax.multi_transform``, each with the warmup-cosine rate times its multiplier as a
+    schedule of the step, in the same jitted functional step as :class:`Native` (everything trains)."""
+
+    def __init__(self, model, total: int):
+        from tlcore.groups import plan_params
+
+        from ..worker import recipe_optimizer
+
+        spec = recipe_optimizer(model, total)
+        group = {model.layout.path_of[n]: (m, wd) for n, _, m, wd in plan_params(spec, model).entries}
+        sched = optax.warmup_cosine_decay_schedule(0.0, LR, spec.schedule.warmup_steps, total, 0.0)
+        graphdef, self.params, self.rest = nnx.split(model.native, nnx.Param, ...)
+
+        def label(path, _) -> str:
+            m, wd = group[tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))]
+            return f"{m}/{wd}"
+
+        labels = jax.tree_util.tree_map_with_path(label, self.params)
+        transforms = {}
+        for m, wd in set(group.values()):
+            transforms[f"{m}/{wd}"] = optax.adamw(lambda t, m=m: m * sched(t), b1=spec.betas[0], b2=spec.betas[1],
+                                                  eps=spec.eps, weight_decay=wd)
+        self.tx = optax.multi_transform(transforms, labels)
+        self.opt_state = self.tx.init(self.params)
+
+        @jax.jit
+        def step(params, rest, opt_state, x, y):
+            def loss_fn(p):
+                m = nnx.merge(graphdef, p, rest, copy=True)
+                loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+                return loss, nnx.state(m, nnx.Not(nnx.Param))
+            (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), rest, opt_state, loss
+
+        self._step = step
+
+    def train_epoch(self, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+        y = y.astype(np.int32)
+        for i in range(0, len(x), batch):
+            self.params, self.rest, self.opt_state, loss = self._step(self.params, self.rest, self.opt_state,
+                                                                      x[i:i + batch], y[i:i + batch])
+        return float(loss)

@@ -4,6 +4,7 @@ gradient is not finite changes nothing; ``fit`` stops there with ``tl.TrainingDi
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
@@ -28,43 +29,53 @@ def _trainable_everything(backend: str) -> tuple[tl.Model, np.ndarray, np.ndarra
     return ft, x, y
 
 
-@check
-def check_guarded_step_that_goes_nonfinite_changes_nothing(backend):
-    """Trainer contract (``TrainSpec.guard``): a step with a non-finite loss leaves the weights,
-    BatchNorm statistics and optimizer state as they were and sets ``nonfinite``; later steps change
-    nothing until ``reset``. Negative control: the same steps unguarded write NaN into the weights."""
+@check(cases={"loss_overflows": {"bad": "loss"}, "inf_input": {"bad": "input"}})
+def check_guarded_step_that_goes_nonfinite_changes_nothing(backend, bad):
+    """Trainer contract (``TrainSpec.guard``): a step whose loss (a squared error that overflows
+    float32) or gradients (an inf input: NaN gradients; fused kernels may keep the loss finite) are not
+    finite leaves the weights, BatchNorm statistics and optimizer state as they were and sets
+    ``nonfinite`` (``"loss"``, or a tensor's name); later steps change nothing until ``reset``.
+    Negative control: the inf input unguarded writes NaN into the weights."""
     ft, x, y = _trainable_everything(backend)
-    bad = x[:8].copy()
-    bad[0, ...] = np.inf  # the forward pass gives inf - inf = NaN
-    trainer = ft._make_trainer(TrainSpec(tl.optim.Adam(lr=1e-2), seed=0))
+    targets = np.random.default_rng(1).normal(size=(len(y), 3)).astype(np.float32)
+    xb, yb = x[:8].copy(), targets[:8].copy()
+    if bad == "loss":
+        yb[1] = 3e30
+    else:
+        xb[0, ...] = np.inf
+    spec = TrainSpec(tl.optim.Adam(lr=1e-2), tl.losses.MSE(), seed=0)
+    trainer = ft._make_trainer(spec)
     trainer.reset(0)
     before = _without_rng(ft)
-    trainer.step(x[:8], y[:8])
+    trainer.step(x[:8], targets[:8])
     trainer.finish()
     after_good = _without_rng(ft)
     assert tl.changed_tensors(before, after_good), "a finite step trains"
     assert trainer.nonfinite is None
     opt_state = trainer.export_state()
-    trainer.step(bad, y[:8])
+    trainer.step(xb, yb)
     trainer.finish()
-    assert trainer.nonfinite == "loss", f"nonfinite names the loss, got {trainer.nonfinite!r}"
+    if bad == "loss":
+        assert trainer.nonfinite == "loss", f"nonfinite names the loss, got {trainer.nonfinite!r}"
+    else:
+        assert trainer.nonfinite in ["loss", *opt_state["steps"]], f"nonfinite names a tensor: {trainer.nonfinite!r}"
     assert tl.changed_tensors(after_good, _without_rng(ft)) == {}, "a non-finite step changes nothing"
     _same_optimizer_state(opt_state, trainer.export_state())
-    trainer.step(x[8:16], y[8:16])
+    trainer.step(x[8:16], targets[8:16])
     trainer.finish()
     assert tl.changed_tensors(after_good, _without_rng(ft)) == {}, "after a non-finite step, nothing trains"
     trainer.reset(0)
     assert trainer.nonfinite is None, "reset clears the flag"
-    trainer.step(x[8:16], y[8:16])
+    trainer.step(x[8:16], targets[8:16])
     trainer.finish()
     assert tl.changed_tensors(after_good, _without_rng(ft)), "after reset, steps train again"
-
-    unguarded = ft._make_trainer(TrainSpec(tl.optim.Adam(lr=1e-2), seed=0, guard=False))
-    unguarded.reset(0)
-    unguarded.step(bad, y[:8])
-    unguarded.finish()
-    assert unguarded.nonfinite is None
-    assert any(not np.isfinite(v).all() for v in ft.state().values()), "negative control: unguarded, NaN goes in"
+    if bad == "input":
+        unguarded = ft._make_trainer(replace(spec, guard=False))
+        unguarded.reset(0)
+        unguarded.step(xb, yb)
+        unguarded.finish()
+        assert unguarded.nonfinite is None
+        assert any(not np.isfinite(v).all() for v in ft.state().values()), "negative control: unguarded, NaN goes in"
 
 
 def _same_optimizer_state(a: dict, b: dict) -> None:
