@@ -93,7 +93,7 @@ def markdown(report: dict) -> str:
     if report.get("recipe"):
         lines += ["", "Recipe (cosine + layer decay 0.75 + no_decay, AdamW, everything trainable), ms/step: tlcore's "
                   "recipe, tlcore with one plain AdamW rate, and a hand-written recipe loop (PyTorch param groups; "
-                  "Optax multi_transform; none for Keras, whose optimizers take one rate for every variable); a "
+                  "Optax multi_transform; one Keras AdamW per group in a GradientTape step); a "
                   "3-stage UnfreezeSchedule fit of two new models: seconds and compilations", "",
                   "| backend | workload | recipe ms | plain ms | recipe / plain | native recipe ms | recipe / native | "
                   "3 stages, 1st model: s (compilations) | 2nd model: s (compilations) |",

@@ -81,8 +81,10 @@ def kit(backend: str) -> Kit:
 
 
 def frozen_state(model: tl.Model) -> dict[str, Any]:
-    """Everything a refusal must leave as it was: a copy of every tensor, the mask and the policy."""
+    """Everything a refusal must leave as it was: a copy of every tensor, the mask and the policy, and
+    the random state a backend keeps outside ``state()`` (PyTorch's generators, ``_random_state``)."""
     return {"state": {k: np.array(v, copy=True) for k, v in model.state().items()},
+            "random": {k: np.array(v, copy=True) for k, v in model._random_state().items()},
             "mask": model.trainable_mask(), "policy": model.policy}
 
 
@@ -93,6 +95,8 @@ def assert_same(model: tl.Model, before: dict[str, Any]) -> None:
     moved = [k for k, v in before["state"].items()
              if v.dtype != after["state"][k].dtype or v.tobytes() != after["state"][k].tobytes()]
     assert not moved, f"refused, yet these tensors changed: {moved}"
+    assert list(after["random"]) == list(before["random"])
+    assert all(np.array_equal(v, after["random"][k]) for k, v in before["random"].items()), "random state moved"
     assert after["mask"] == before["mask"]
     assert after["policy"] == before["policy"]
 
@@ -237,6 +241,16 @@ BAD: list[Bad] = [
     Bad("data-class_weight-str", lambda k: k.fit(class_weight="balanced"), OE, "class_weight"),
     Bad("data-class_weight-mse", lambda k: k.fit(loss="mse", y=np.zeros((N, 3), np.float32), class_weight={0: 1.0}),
         OE, "class_weight"),
+    Bad("data-scale-str", lambda k: k.fit(x=tl.data.scale(k.x, "1/255")), DE, "scale factor"),
+    Bad("data-scale-zero", lambda k: k.fit(x=tl.data.scale(k.x, 0.0)), DE, "scale factor"),
+    Bad("data-labels-column", lambda k: k.fit(y=k.y.reshape(-1, 1)), DE, "y"),
+    Bad("data-class_weight-too-few", lambda k: k.fit(class_weight=[1.0, 2.0]), (tl.TlcoreError, ValueError),
+        "class_weight"),
+    Bad("loss-label_smoothing", lambda k: k.fit(loss=tl.losses.CrossEntropy(label_smoothing=1.5)), OE,
+        "label_smoothing"),
+    Bad("loss-bce-on-class-labels", lambda k: k.fit(loss="binary_cross_entropy", y=k.y + 1), DE, "binary"),
+    Bad("val-sample_weight-negative",
+        lambda k: k.fit(validation_data=(k.x, k.y, _second_sample_weight(k, -2.0))), DE, ">= 0"),
     Bad("val-not-a-pair", lambda k: k.fit(validation_data=k.x), DE, "validation_data"),
     Bad("val-one-element", lambda k: k.fit(validation_data=(k.x,)), DE, "validation_data"),
     Bad("val-four-elements", lambda k: k.fit(validation_data=(k.x, k.y, None, None)), DE, "validation_data"),
@@ -318,7 +332,7 @@ BAD: list[Bad] = [
     Bad("load_state-overflows-int",
         lambda k: k.model.load_state(k.with_value(k.int_tensor(), np.iinfo(k.model.state()[k.int_tensor()].dtype).max
                                                   + 1, np.uint64), strict=False), KE, "range"),
-    Bad("load_state-negative-into-unsigned-or-float-into-int",
+    Bad("load_state-negative-fraction-into-int",
         lambda k: k.model.load_state(k.with_value(k.int_tensor(), -1.5), strict=False), KE, "whole"),
     Bad("load_state-float-into-int", lambda k: k.model.load_state(k.with_value(k.int_tensor(), 1.5), strict=False),
         KE, "whole"),
@@ -351,6 +365,9 @@ BAD: list[Bad] = [
     Bad("finetune-freeze-str", lambda k: tl.finetune(k.model, freeze="all"), TE, "FreezePolicy"),
     Bad("wrap-input_shape-str", lambda k: tl.wrap(k.model.native, backend=k.backend, input_shape="8"), DE,
         "input_shape"),
+    Bad("wrap-unknown-backend", lambda k: tl.wrap(k.model.native, backend="pytorch"), tl.BackendNotFoundError,
+        "pytorch"),
+    Bad("wrap-not-a-model", lambda k: tl.wrap(object()), tl.UnsupportedModelError, "object"),
     Bad("head-linear-bool", lambda k: tl.Head.linear(True), (tl.TlcoreError, ValueError), "num_classes"),
     Bad("head-linear-0", lambda k: tl.Head.linear(0), (tl.TlcoreError, ValueError), "num_classes"),
     Bad("head-hidden-float", lambda k: tl.Head.mlp(hidden=(1.5,), num_classes=3), (tl.TlcoreError, ValueError),
@@ -396,41 +413,50 @@ def test_bad_input_is_refused_and_changes_nothing(kit: Kit, bad: Bad):
 
 # ----------------------------------------------------------------------------------------- controls
 def test_the_state_comparison_sees_a_valid_call_change_weights_and_rng(kit: Kit):
-    """Negative control: the same comparison fails after a valid fit (the head's weights move; on Keras
-    and JAX the dropout RNG state, which ``state()`` holds as ``rng`` tensors, advances too)."""
+    """Negative control: the same comparison fails after a valid fit: the head's weights move, and the
+    dropout RNG state advances (on Keras and JAX it is in ``state()`` as ``rng`` tensors; PyTorch's
+    generators are kept outside it, in ``_random_state()``)."""
     before = frozen_state(kit.model)
     rng_names = [t.name for t in kit.model.tensors if t.kind == "rng"]
-    if kit.backend in ("keras", "jax"):
-        assert rng_names, "the head's dropout RNG state should be in state()"
+    assert bool(rng_names) == (kit.backend != "torch"), "the head's dropout RNG state is in state() but on torch"
+    assert bool(before["random"]) == (kit.backend == "torch")
     kit.fit(epochs=1)
     with pytest.raises(AssertionError, match="changed"):
         assert_same(kit.model, before)
-    after = kit.model.state()
-    assert any(not np.array_equal(before["state"][n], after[n]) for n in rng_names) or not rng_names
+    after = frozen_state(kit.model)
+    rng_moved = [n for n in rng_names if not np.array_equal(before["state"][n], after["state"][n])]
+    random_moved = [k for k, v in before["random"].items() if not np.array_equal(v, after["random"][k])]
+    assert rng_moved or random_moved, "a valid fit advances the dropout RNG"
 
 
 def test_refusals_leave_no_hidden_state(backend: str):
     """Refused calls (a bad seed, bad data, a bad load_state) in between change nothing that a later fit
-    sees: the shuffling and dropout RNGs, the optimizer state and the step go on as without them."""
-    def run(refuse: bool) -> dict[str, np.ndarray]:
+    sees: the shuffling and dropout RNGs, the optimizer state and the step go on as without them.
+    Control: one valid fit in between does change the outcome."""
+    adam = tl.optim.Adam(lr=1e-2)
+
+    def run(between: str) -> dict[str, np.ndarray]:
         m = reference_finetune(backend)
         x, y = sample_data(m, n=N)
-        m.fit(x, y, epochs=1, batch_size=8, progress=False, optimizer=tl.optim.Adam(lr=1e-2))
-        if refuse:
+        m.fit(x, y, epochs=1, batch_size=8, progress=False, optimizer=adam)
+        if between == "refusals":
             name = next(k for k, v in m.state().items() if v.dtype.kind == "f" and m.trainable_mask()[k])
-            for call in (lambda: m.fit(x, y, seed=-1, progress=False, optimizer=tl.optim.Adam(lr=1e-2)),
-                         lambda: m.fit(x, y + 3, progress=False, optimizer=tl.optim.Adam(lr=1e-2)),
-                         lambda: m.fit(x, y, batch_size=8, progress=False, optimizer=tl.optim.Adam(lr=1e-2),
-                                       validation_data=x),
+            for call in (lambda: m.fit(x, y, seed=-1, progress=False, optimizer=adam),
+                         lambda: m.fit(x, y + 3, progress=False, optimizer=adam),
+                         lambda: m.fit(x, y, batch_size=8, progress=False, optimizer=adam, validation_data=x),
+                         lambda: m.fit(x, y, batch_size=8, progress=False, optimizer=adam, callbacks=5),
                          lambda: m.load_state({name: np.full(m.state()[name].shape, np.nan)}, strict=False)):
                 with pytest.raises(tl.TlcoreError):
                     call()
-        m.fit(x, y, epochs=1, batch_size=8, progress=False, optimizer=tl.optim.Adam(lr=1e-2))
+        elif between == "a fit":
+            m.fit(x, y, epochs=1, batch_size=8, progress=False, optimizer=adam)
+        m.fit(x, y, epochs=1, batch_size=8, progress=False, optimizer=adam)
         return m.state()
 
-    plain, refused = run(False), run(True)
+    plain, refused, control = run("nothing"), run("refusals"), run("a fit")
     assert list(plain) == list(refused)
-    assert all(np.array_equal(plain[k], refused[k]) for k in plain)
+    assert [k for k in plain if not np.array_equal(plain[k], refused[k])] == []
+    assert any(not np.array_equal(plain[k], control[k]) for k in plain), "control: a fit in between changes the result"
 
 
 def test_numpy_scalars_are_accepted_and_train_as_python_numbers(kit: Kit):
@@ -461,6 +487,35 @@ def test_numpy_scalars_are_accepted_and_train_as_python_numbers(kit: Kit):
     with_python, with_numpy = train(False), train(True)
     assert any(not np.array_equal(with_python[k], start[k]) for k in start), "training changed nothing"
     assert all(np.array_equal(with_python[k], with_numpy[k]) for k in start)
+
+
+def test_numpy_scalars_are_accepted_across_the_api():
+    """Every spec that takes a number takes numpy's, and equals the spec built from Python numbers."""
+    i, f = np.int64, np.float32
+    pairs = [
+        (tl.Head.mlp(hidden=(i(4),), num_classes=i(3), dropout=f(0.25)), tl.Head.mlp(hidden=(4,), num_classes=3,
+                                                                                     dropout=0.25)),
+        (tl.FreezePolicy.up_to(i(2)), tl.FreezePolicy.up_to(2)),
+        (tl.UnfreezeSchedule([(i(0), tl.FreezePolicy.all()), (i(2), tl.FreezePolicy.none())]),
+         tl.UnfreezeSchedule([(0, tl.FreezePolicy.all()), (2, tl.FreezePolicy.none())])),
+        (tl.losses.CrossEntropy(label_smoothing=f(0.1), class_weight={i(1): f(0.5)}),
+         tl.losses.CrossEntropy(label_smoothing=0.1, class_weight={1: 0.5})),
+        (tl.losses.Huber(delta=f(0.5)), tl.losses.Huber(delta=0.5)),
+        (tl.losses.BinaryCrossEntropy(pos_weight=f(2.0)), tl.losses.BinaryCrossEntropy(pos_weight=2.0)),
+        (tl.optim.RMSprop(lr=f(0.01), alpha=f(0.9), momentum=np.float64(0.5), centered=np.bool_(True)),
+         tl.optim.RMSprop(lr=0.01, alpha=0.9, momentum=0.5, centered=True)),
+        (tl.schedules.OneCycle(max_lr=f(0.1), total_steps=np.int32(20), pct_start=f(0.3)),
+         tl.schedules.OneCycle(max_lr=0.1, total_steps=20, pct_start=0.3)),
+        (tl.schedules.MultiStep(f(0.1), milestones=(i(3), np.uint8(6)), gamma=f(0.5)),
+         tl.schedules.MultiStep(0.1, milestones=(3, 6), gamma=0.5)),
+        (tl.Discriminative(lo=f(0.01), groups=tl.LayerGroups([r"."])), tl.Discriminative(lo=0.01, groups=tl.LayerGroups([r"."]))),
+        (tl.data.scale(np.zeros(2), f(0.1)).factor, 0.1),
+    ]
+    for numpy_built, python_built in pairs:
+        assert numpy_built == python_built, (numpy_built, python_built)
+    assert tl.LayerCut(at=i(2)).resolve(["a", "b", "c"]) == "c"
+    assert tl.datasets.few_shot(np.zeros((6, 2)), np.array([0, 0, 0, 1, 1, 1]), shots=i(2), seed=np.uint32(5))[0].shape \
+        == (4, 2)
 
 
 # ----------------------------------------------------------------------------------------- native flags

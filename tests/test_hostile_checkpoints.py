@@ -47,6 +47,8 @@ GROWTH_LIMIT_MB = 256
 #: the watchdog ends a worker whose RSS passes this (a guard that failed)
 CEILING_MB = 4096
 
+#: mutants that must load identical on every path (negative controls)
+CONTROLS = ("unmodified", "noop-reseal", "versions-edit")
 SOURCES = {
     "mlp": ("mlp", dict(in_features=12, hidden=(16, 8), num_classes=3)),
     "small_cnn": ("small_cnn", dict(in_channels=3, input_size=8, widths=(4, 8), num_classes=3)),
@@ -54,6 +56,7 @@ SOURCES = {
     "vit_tiny": ("vit_tiny", dict(in_channels=3, image_size=8, patch_size=4, dim=16, depth=2, heads=2, mlp_ratio=2,
                                   num_classes=3)),
     "finetuned": ("small_cnn", dict(in_channels=3, input_size=8, widths=(4, 8), num_classes=3)),
+    "resumable": ("small_cnn", dict(in_channels=3, input_size=8, widths=(4, 8), num_classes=3)),
 }
 
 
@@ -61,16 +64,32 @@ SOURCES = {
 def make_sources(backend: str, folder: Path) -> dict[str, dict]:
     """Save the source checkpoints on ``backend``: every zoo model, and a fine-tuned small_cnn (cut
     at relu2, an MLP head with dropout, a regex freeze policy, a given input shape)."""
+    from tlcore.resumable import STATE_FILE
+
     out = {}
     for sid, (arch, cfg) in SOURCES.items():
         m = tl.zoo.create(arch, backend=backend, seed=3, **cfg)
-        if sid == "finetuned":
+        if sid in ("finetuned", "resumable"):
             m = tl.finetune(m, cut=tl.LayerCut(at="relu2"), head=tl.Head.mlp(hidden=(5,), num_classes=2, dropout=0.1),
                             freeze=tl.FreezePolicy.matching(r"^(conv1|bn1)\."), input_shape=(8, 8, 3), seed=1)
         path = folder / f"{sid}.safetensors"
-        m.save(path)
-        out[sid] = {"path": str(path), "arch": arch, "config": cfg, "zoo": sid != "finetuned"}
+        if sid == "resumable":  # a training state, written by fit(checkpoint_dir=...): tl.resume reads it
+            x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype(np.float32)
+            m.fit(x, np.arange(16) % 2, epochs=1, batch_size=8, optimizer=tl.optim.AdamW(lr=1e-2), progress=False,
+                  checkpoint_dir=folder / sid)
+            path = folder / sid / STATE_FILE
+        else:
+            m.save(path)
+        out[sid] = {"path": str(path), "arch": arch, "config": cfg, "zoo": sid in ("mlp", "small_cnn", "resnet18",
+                    "vit_tiny"), "resume": sid == "resumable"}
     return out
+
+
+def loader(src: dict, backend: str):
+    """How a file made from ``src`` is loaded: ``tl.resume`` of its folder for a training state."""
+    if src["resume"]:
+        return lambda path: tl.resume(Path(path).parent, backend=backend)
+    return lambda path: tl.load(path, backend=backend)
 
 
 def _status(key: str) -> int:
@@ -151,7 +170,7 @@ def worker(backend: str, folder: str) -> None:
         listing.write_text(json.dumps(sources))
     refs = {}
     for sid, src in sources.items():  # warm-up: every source loads, and is the reference of its mutants
-        m = tl.load(src["path"], backend=backend)
+        m = loader(src, backend)(src["path"])
         refs[sid] = {"state": m.state(), "layers": m.layers, "mask": m.trainable_mask()}
         if src["zoo"]:
             tl.zoo.create(src["arch"], backend=backend, weights=src["path"], **src["config"])
@@ -163,8 +182,8 @@ def worker(backend: str, folder: str) -> None:
     for i in range(int(start), len(mutants)):
         mut = mutants[i]
         src, ref = sources[mut["source"]], refs[mut["source"]]
-        result = {"i": i, "load": attempt(lambda: tl.load(mut["path"], backend=backend), ref)}
-        if src["zoo"]:
+        result = {"i": i, "load": attempt(lambda: loader(src, backend)(mut["path"]), ref)}
+        if src["zoo"] and (not mut["resealed"] or mut["kind"] in CONTROLS):  # create() reads no metadata
             result["create"] = attempt(lambda: tl.zoo.create(src["arch"], backend=backend, weights=mut["path"],
                                                              **src["config"]), ref)
         out, err = io.StringIO(), io.StringIO()
@@ -283,7 +302,17 @@ def named_edits(sid: str, record: dict) -> list[tuple[str, dict]]:
         ("deep-field", {("config",): DEEP}),
         ("deep-50", {("pretrained",): nested(50)}),
     ]
-    if sid == "finetuned":
+    if sid == "resumable":
+        cases += [
+            ("train-null", {("train",): None}),
+            ("train-epoch-huge", {("train", "epoch"): 10 ** 30}),
+            ("train-step-float", {("train", "step"): 1.5}),
+            ("train-history-deep", {("train", "history"): DEEP}),
+            ("train-history-strings", {("train", "history"): [{"loss": "low"}]}),
+            ("train-rng-list", {("train", "rng"): [1, 2]}),
+            ("train-steps-wrong", {("train", "steps"): {"head.out.weight": "many"}}),
+        ]
+    if sid in ("finetuned", "resumable"):
         cases += [
             ("head-num_classes-1e10", {("steps", 0, "head", "num_classes"): 10 ** 10}),
             ("head-num_classes-bool", {("steps", 0, "head", "num_classes"): True}),
@@ -320,6 +349,9 @@ def named_edits(sid: str, record: dict) -> list[tuple[str, dict]]:
                                                  ("config", "dim"): 8, ("config", "heads"): 1}),
                   ("config-vit-depth-1e6", {("config", "depth"): 10 ** 6})]
     cases.append(("config-unknown-option", {("config", "colour"): 3}))
+    # valid but bigger than the file: a zoo model is refused before it is built; the fine-tuned one
+    # drops this layer with its cut and loads identical
+    cases.append(("inflate-num_classes", {("config", "num_classes"): 50_000}))
     return cases
 
 
@@ -330,6 +362,9 @@ def make_mutants(sources: dict, folder: Path, seed: int = SEED) -> list[dict]:
 
     def add(kind: str, sid: str, data: bytes, sealed: bool = False, tail: int = 0) -> None:
         path = folder / f"m{len(mutants):04d}-{kind}.safetensors"
+        if sources[sid]["resume"]:  # tl.resume reads a folder's training state
+            path.mkdir()
+            path = path / Path(sources[sid]["path"]).name
         path.write_bytes(data)
         if tail:
             with open(path, "r+b") as f:
@@ -410,15 +445,14 @@ def make_mutants(sources: dict, folder: Path, seed: int = SEED) -> list[dict]:
 
 # ================================================================================= the fuzz test
 class Worker:
-    """A worker subprocess for one backend, its output lines read by a thread (so a wait can time out)."""
+    """A subprocess whose output lines are read by a thread, so that a wait can time out."""
 
-    def __init__(self, backend: str, folder: Path):
+    def __init__(self, command: list[str], stderr: Path):
         import queue
 
         self.lines: queue.Queue = queue.Queue()
-        self.proc = subprocess.Popen([sys.executable, __file__, "worker", backend, str(folder)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(folder / "worker.err", "ab"), text=True)
+        with open(stderr, "ab") as err:
+            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -427,7 +461,8 @@ class Worker:
         self.lines.put(None)
 
     def next(self, timeout: float):
-        """The next JSON line; ``"hang"`` after ``timeout`` seconds; ``("died", status)`` on exit."""
+        """The next JSON line; ``"hang"`` after ``timeout`` seconds (the process is killed);
+        ``("died", status)`` when the process ended."""
         import queue
 
         try:
@@ -453,7 +488,7 @@ def run_fuzz(backend: str, folder: Path) -> tuple[list[dict], list[dict], bool]:
     """Every mutant's result (a worker that hangs or dies is replaced, the mutant recorded as such)."""
     mutants, results, start, exact = None, [], 0, True
     while mutants is None or start < len(mutants):
-        w = Worker(backend, folder)
+        w = Worker([sys.executable, __file__, "worker", backend, str(folder)], folder / "worker.err")
         ready = w.next(timeout=600)
         assert isinstance(ready, dict), f"the {backend} worker did not start: {ready}; see {folder / 'worker.err'}"
         exact = exact and ready["exact_memory"]
@@ -527,11 +562,13 @@ def test_fuzzed_checkpoints_are_refused_in_one_line_or_load_identical(backend, t
               else "VmHWM not resettable: growth is a lower bound",
               "by kind": {k: dict(v) for k, v in sorted(by_kind.items())}}
     (tmp_path / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"\nhostile checkpoint fuzz on {backend}:\n" + json.dumps(report, indent=1))
+    print(f"\nhostile checkpoint fuzz on {backend}: " + json.dumps({k: v for k, v in report.items() if k != "by kind"})
+          + "".join(f"\n  {kind:28s} " + ", ".join(f"{o} {n}" for o, n in sorted(c.items()))
+                    for kind, c in report["by kind"].items()))
     assert not failures, f"{len(failures)} problem(s):\n" + "\n".join(failures[:40])
     # the negative controls: an unmodified or harmlessly resealed file loads identical on every path
     for mut, result in zip(mutants, results):
-        if mut["kind"] in ("unmodified", "noop-reseal", "versions-edit"):
+        if mut["kind"] in CONTROLS:
             assert result["load"]["outcome"] == "identical" and result["inspect"]["rc"] == 0, (mut, result)
             assert result.get("create", {"outcome": "identical"})["outcome"] == "identical", (mut, result)
         if mut["kind"] == "policy-edit-unsealed":  # the checksum covers the metadata
@@ -540,12 +577,224 @@ def test_fuzzed_checkpoints_are_refused_in_one_line_or_load_identical(backend, t
         if mut["kind"] == "policy-edit-resealed":  # a valid file with another policy: loads, freezing otherwise
             assert result["load"]["outcome"] == "policy-differs", (mut, result)
         if mut["kind"].startswith(("config-", "head-", "head_width", "policy-regex", "input_shape", "record-",
-                                   "tail", "truncate", "header-length", "steps-", "deep")):
+                                   "tail", "truncate", "header-length", "steps-", "deep", "train-")):
             assert result["load"]["outcome"] == "refused", (mut, result)
     named = [m for m in mutants if m["kind"] in ("config-num_classes-1e10", "config-hidden-1e5-float",
                                                  "config-widths-1e9-float", "policy-regex-backtracking",
                                                  "record-null", "record-deep", "tail-3GiB")]
     assert len({m["kind"] for m in named}) == 7, "every hostile file named in the issue is among the mutants"
+
+
+
+def test_the_harness_sees_a_hang_a_crash_and_an_allocation(tmp_path):
+    """Negative controls for the fuzz harness itself: each failure it guards against is detected."""
+    hang = Worker([sys.executable, "-c", "print('{}', flush=True); import time; time.sleep(60)"], tmp_path / "err")
+    assert hang.next(timeout=60) == {} and hang.next(timeout=0.5) == "hang"
+    abort = Worker([sys.executable, "-c", "print('{}', flush=True); import os; os.abort()"], tmp_path / "err")
+    assert abort.next(timeout=60) == {} and abort.next(timeout=60) == ("died", -signal.SIGABRT)
+    _, error, _, mb = measured(lambda: np.ones(96 * 2 ** 20, np.uint8))
+    assert error is None and mb >= 90 or not _reset_peak(), mb
+    _, error, _, _ = measured(lambda: 1 / 0)
+    assert isinstance(error, ZeroDivisionError)
+
+
+# ============================================================================ the guards, one by one
+SMALL_MLP = dict(in_features=12, hidden=(16, 8), num_classes=3)
+
+
+@pytest.mark.parametrize("make, error, words", [
+    (lambda b: tl.Head.linear(10 ** 10), tl.HeadError, "num_classes must be an int in [1, 16777216], got 10000000000"),
+    (lambda b: tl.Head.linear(True), tl.HeadError, "num_classes must be an int"),
+    (lambda b: tl.Head.linear(2.0), tl.HeadError, "num_classes must be an int"),
+    (lambda b: tl.Head.mlp(hidden=[100_000, 100_000], num_classes=2), tl.HeadError, "tl.head.MAX_PARAMS"),
+    (lambda b: tl.Head.mlp(hidden=[1e5, 1e5], num_classes=2), tl.HeadError, "hidden sizes must be an int"),
+    (lambda b: tl.Head.mlp(hidden=[8] * 65, num_classes=2), tl.HeadError, "at most 64"),
+    (lambda b: tl.zoo.create("small_cnn", backend=b, widths=[4.5]), tl.ZooError, "widths must be"),
+    (lambda b: tl.zoo.create("small_cnn", backend=b, widths=[4, 10 ** 9]), tl.ZooError, "widths must be"),
+    (lambda b: tl.zoo.create("small_cnn", backend=b, widths=[4, 1e9]), tl.ZooError, "widths must be"),
+    (lambda b: tl.zoo.create("small_cnn", backend=b, widths=(True, 4)), tl.ZooError, "widths must be"),
+    (lambda b: tl.zoo.create("mlp", backend=b, hidden=[1e5, 1e5]), tl.ZooError, "hidden must be"),
+    (lambda b: tl.zoo.create("mlp", backend=b, hidden=[100_000, 100_000]), tl.ZooError, "tlcore.zoo.MAX_PARAMS"),
+    (lambda b: tl.zoo.create("mlp", backend=b, num_classes=10 ** 10), tl.ZooError, "num_classes must be an int"),
+    (lambda b: tl.zoo.create("mlp", backend=b, in_features=4.0), tl.ZooError, "in_features must be an int"),
+    (lambda b: tl.zoo.create("resnet18", backend=b, width=5000), tl.ZooError, "MAX_PARAMS"),
+    (lambda b: tl.zoo.create("vit_tiny", backend=b, image_size=4096, patch_size=4, dim=8, heads=1), tl.ZooError,
+     "MAX_ACTIVATION"),
+    (lambda b: tl.zoo.create("vit_tiny", backend=b, depth=10 ** 6, dim=4, heads=1), tl.ZooError, "depth must be"),
+    (lambda b: tl.zoo.create(["mlp"], backend=b), tl.ZooError, "unknown zoo architecture"),
+])
+def test_absurd_heads_and_zoo_configs_are_refused_before_anything_is_built(backend, make, error, words):
+    """The public API: the same checks as for metadata, before any allocation (JAX aborted the
+    process on ``Head.linear(10**10)``; Keras and torch raised raw errors)."""
+    _, raised, seconds, mb = measured(lambda: make(backend))
+    assert isinstance(raised, error), raised
+    assert words in str(raised) and "\n" not in str(raised)
+    assert seconds < 1.0 and mb < 64
+    if isinstance(raised, tl.ZooError):
+        assert isinstance(raised, tl.zoo.ZooConfigError) or "unknown" in str(raised)
+        assert isinstance(raised, ValueError) or "unknown" in str(raised)
+
+
+def test_the_parameter_estimate_is_exact():
+    """The estimate that guards building describes exactly what the built model holds."""
+    from tlcore.zoo.archs import config_for, num_state_values, state_shapes
+
+    backend = selected_backends()[0]
+    for arch, cfg in [("mlp", SMALL_MLP), ("small_cnn", dict(in_channels=2, input_size=8, widths=(4, 8, 6))),
+                      ("resnet18", dict(input_size=32, width=4, num_classes=7)),
+                      ("vit_tiny", dict(image_size=8, patch_size=4, dim=16, depth=2, heads=2, mlp_ratio=3))]:
+        m = tl.zoo.create(arch, backend=backend, **cfg)
+        assert state_shapes(arch, config_for(arch, cfg)) == {k: v.shape for k, v in m.state().items()}, arch
+        assert num_state_values(arch, config_for(arch, cfg)) == sum(v.size for v in m.state().values()), arch
+    ft = tl.finetune(m, cut=tl.LayerCut(drop_last=1), head=tl.Head.mlp(hidden=(6, 5), num_classes=4))
+    head = sum(v.size for k, v in ft.state().items() if k.startswith("head."))
+    assert head == tl.head.HeadPlan(ft.head_spec, 16).num_params() == (16 + 1) * 6 + (6 + 1) * 5 + (5 + 1) * 4
+
+
+def test_backtracking_regexes_are_refused_and_freeze_patterns_still_work():
+    for pattern, words in [("(.*.*)*Z", "nested quantifiers"), ("(a|aa)*b", "nested quantifiers"),
+                           ("(a+)+$", "nested quantifiers"), (".*.*.*.*Z", "4 repeated parts"),
+                           ("x" * 257, "more than 256"), ("(", "invalid regex"), ("", "non-empty")]:
+        start = time.perf_counter()
+        with pytest.raises(tl.FreezePolicyError, match=words.replace("(", r"\(")):
+            tl.FreezePolicy.matching(pattern)
+        assert time.perf_counter() - start < 0.1
+    # the patterns the tests and docs use, and their neighbours, are accepted and resolve as before
+    names = ["conv1.weight", "bn1.weight", "layer1.0.bn.running_mean", "embed.weight", "dense.kernel", "fc.bias"]
+    for pattern, frozen in [(r"bn\.weight", []), (r"^(conv|bn)\.", []), (r"^(conv|bn)\d+\.", ["conv1.weight",
+                            "bn1.weight"]), (r"kernel$", ["dense.kernel"]), (r"^(embed|dense)\.", ["embed.weight",
+                            "dense.kernel"]), (r"embeddings", []), (r"^layer\d+\.\d+\.bn", ["layer1.0.bn.running_mean"]),
+                            (r"^conv", ["conv1.weight"]), (r"(a|b)*", names), (r"^l0\.", [])]:
+        policy = tl.FreezePolicy.matching(pattern)
+        assert [n for n in names if policy._selects(tl.freeze.TensorInfo(n, ""), [], {}, -1)] == frozen, pattern
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A fine-tuned model (head, regex policy) and a zoo model, saved."""
+    backend = selected_backends()[0]
+    zoo = tl.zoo.create("mlp", backend=backend, **SMALL_MLP)
+    ft = tl.finetune(zoo, cut=tl.LayerCut(at="relu2"), head=tl.Head.linear(2), freeze=tl.FreezePolicy.matching(r"^fc1\."))
+    zoo.save(tmp_path / "zoo.safetensors")
+    ft.save(tmp_path / "ft.safetensors")
+    return backend, zoo, ft, tmp_path
+
+
+def test_the_checksum_covers_the_metadata(saved):
+    backend, _, ft, tmp = saved
+    path = tmp / "ft.safetensors"
+    again = tl.load(path, backend=backend)  # negative control: the file as saved loads
+    assert again.trainable_mask() == ft.trainable_mask() and tl.changed_tensors(again.state(), ft.state()) == {}
+    raw = path.read_bytes()
+    record = json.loads(split(raw)[0]["__metadata__"]["tlcore"])
+    record["policy"] = {"mode": "none", "target": None, "bn": "train"}  # unfreeze everything, keep the sha
+    path.write_bytes(with_record_text(raw, json.dumps(record)))
+    with pytest.raises(checkpoint.CheckpointCorruptedError, match="tensors or its metadata do not match its SHA-256"):
+        tl.load(path, backend=backend)
+    done = subprocess.run([sys.executable, "-m", "tlcore", "inspect", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "SHA-256" in done.stderr
+
+
+def test_zoo_create_weights_verifies_a_tlcore_checkpoint(saved):
+    """``tl.zoo.create(weights=...)`` ignored the checksum and loaded corrupted files silently."""
+    backend, zoo, _, tmp = saved
+    path = tmp / "zoo.safetensors"
+    again = tl.zoo.create("mlp", backend=backend, weights=path, **SMALL_MLP)
+    assert tl.changed_tensors(again.state(), zoo.state()) == {}
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x40  # one bit of one weight
+    path.write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointCorruptedError, match="SHA-256"):
+        tl.zoo.create("mlp", backend=backend, weights=path, **SMALL_MLP)
+    from safetensors.numpy import save_file  # a plain state dict has no checksum: it loads as before
+    save_file(zoo.state(), tmp / "plain.safetensors")
+    plain = tl.zoo.create("mlp", backend=backend, weights=tmp / "plain.safetensors", **SMALL_MLP)
+    assert tl.changed_tensors(plain.state(), zoo.state()) == {}
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"^[^\n]*fc1.weight: checkpoint \(16, 12\) vs model "
+                       r"\(16, 4\)[^\n]*$"):
+        tl.zoo.create("mlp", backend=backend, weights=tmp / "plain.safetensors", in_features=4, hidden=(16, 8),
+                      num_classes=3)
+
+
+def test_a_3_gib_tail_is_refused_without_reading_it(saved):
+    backend, _, _, tmp = saved
+    path = tmp / "zoo.safetensors"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size + 3 * 2 ** 30)  # sparse
+    _, error, seconds, mb = measured(lambda: tl.load(path, backend=backend))
+    assert isinstance(error, checkpoint.CheckpointCorruptedError) and "3,221,225,472 bytes it does not declare" in str(error)
+    assert seconds < 1.0 and mb < 64
+    _, error, _, _ = measured(lambda: tl.zoo.create("mlp", backend=backend, weights=path, **SMALL_MLP))
+    assert isinstance(error, checkpoint.CheckpointCorruptedError)
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import numpy as np
+from tlcore import checkpoint
+os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # killed after the temporary file is written
+checkpoint.write(sys.argv[1], {"w": np.zeros(3, np.float32)}, {})
+"""
+
+
+def test_a_killed_save_leaves_a_temporary_file_that_the_next_save_removes(saved):
+    backend, zoo, _, tmp = saved
+    path = tmp / "zoo.safetensors"
+    before = path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(path)], capture_output=True)
+    assert done.returncode == -signal.SIGKILL
+    left = [p for p in tmp.iterdir() if p.name.startswith(".zoo.safetensors.")]
+    assert len(left) == 1 and path.read_bytes() == before, "the kill left the previous file and one temporary file"
+    # a live writer's temporary file (another process, and this one) and other files are kept
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = checkpoint._HOST
+        keep = [tmp / f".zoo.safetensors.{host}-{live.pid}.abc123.tmp", tmp / f".zoo.safetensors.{host}-{os.getpid()}.x.tmp",
+                tmp / ".zoo.safetensors.oldstyle.tmp", tmp / f".other.safetensors.{host}-{left[0].name.split('-')[1]}"]
+        for k in keep:
+            k.write_bytes(b"partial")
+        zoo.save(path)
+        assert not left[0].exists(), "the dead writer's temporary file is removed by the next save"
+        assert all(k.exists() for k in keep)
+        assert tl.changed_tensors(tl.load(path, backend=backend).state(), zoo.state()) == {}
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_version_1_files_are_refused_with_a_way_to_upgrade_them(saved, tmp_path):
+    backend, zoo, _, tmp = saved
+    tensors, record = checkpoint.read(tmp / "zoo.safetensors")
+    old = {k: v for k, v in record.items() if k != "sha256"}
+    old.update(version=1, sha256=checkpoint.digest(tensors))  # as tlcore wrote it before (tensors only)
+    v1 = tmp / "v1.safetensors"
+    v1.write_bytes(with_record_text((tmp / "zoo.safetensors").read_bytes(), json.dumps(old)))
+    with pytest.raises(tl.CheckpointError, match=r"format version 1.*tlcore.checkpoint.upgrade"):
+        tl.load(v1, backend=backend)
+    checkpoint.upgrade(v1)
+    assert tl.changed_tensors(tl.load(v1, backend=backend).state(), zoo.state()) == {}
+    shipped = tl.zoo.WEIGHTS_DIR / "small_cnn-digits04.safetensors"
+    assert checkpoint.read(shipped)[1]["version"] == checkpoint.VERSION
+
+
+@pytest.mark.parametrize("edit, field", [
+    ({"backend": "tf"}, "backend names no tlcore backend"),
+    ({"steps": [{"cut": "relu2", "head": {"num_classes": 10 ** 10}, "head_name": "head"}]}, "steps[0].head"),
+    ({"policy": regex_policy("(.*.*)*Z")}, "policy"),
+    ({"config": {"in_features": 12, "hidden": [1e5, 1e5], "num_classes": 3}}, "config"),
+    ({"input_shape": [100_000, 100_000]}, "input_shape"),
+])
+def test_resealed_hostile_metadata_is_refused_naming_the_field(saved, edit, field):
+    """A checksum is no signature: a file edited and resealed reaches the checks of every field."""
+    _, _, _, tmp = saved
+    path = tmp / "ft.safetensors"
+    raw = path.read_bytes()
+    tensors, record = checkpoint.read(path)
+    path.write_bytes(resealed(raw, tensors, {**record, **edit}))
+    with pytest.raises(tl.CheckpointError) as info:
+        tl.load(path)
+    assert field in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

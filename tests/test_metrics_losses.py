@@ -613,3 +613,31 @@ def test_metrics_refuse_bad_data():
         M.compute(["accuracy"], z.reshape(60, 5, 1, 1), y)
     with pytest.raises(M.MetricError, match="top_k needs an int k >= 1"):
         M.top_k(z, y, 0)
+
+
+def test_accumulator_state_round_trips_and_refuses_a_malformed_record():
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(size=(20, 3)), rng.integers(0, 3, 20)
+    names = ["accuracy", "f1_macro", "auc"]
+    first = M.Accumulator(names, "cross_entropy").update(z[:12], y[:12])
+    again = M.Accumulator(names, "cross_entropy")
+    again.load_state(*first.export_state())
+    again.update(z[12:], y[12:])
+    assert again.result() == M.Accumulator(names, "cross_entropy").update(z[:12], y[:12]).update(z[12:], y[12:]).result()
+    record, arrays = first.export_state()
+    for bad in (None, [], {**record, "num_samples": -1}, {**record, "task": "other"},
+                {**record, "scalars": {"weight": "heavy"}}, {**record, "arrays": ["missing"]}):
+        target = M.Accumulator(names, "cross_entropy")
+        with pytest.raises(DataError, match="malformed metric state"):
+            target.load_state(bad, arrays)
+        assert target.num_samples == 0, "a refused state changes nothing"
+
+
+def test_accumulator_nonfinite_nan_reports_nan_metrics_and_raise_refuses():
+    z = np.array([[1.0, np.nan], [0.0, 1.0]])
+    with pytest.raises(DataError, match="NaN"):
+        M.Accumulator(["accuracy"], "cross_entropy").update(z, np.array([0, 1]))
+    acc = M.Accumulator(["accuracy"], "cross_entropy", nonfinite="nan").update(z, np.array([0, 1]))
+    assert acc.num_samples == 2 and all(np.isnan(v) for v in acc.result().values())
+    finite = M.Accumulator(["accuracy"], "cross_entropy", nonfinite="nan").update(z[1:], np.array([1]))
+    assert finite.result()["accuracy"] == 1.0, "negative control: finite logits give real metrics"

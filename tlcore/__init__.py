@@ -21,7 +21,7 @@ _EXPORTS = {
     "BackendNotFoundError": "errors", "CheckpointError": "errors", "CutError": "errors", "DataError": "errors",
     "FreezePolicyError": "errors", "FrozenWeightsChanged": "errors", "LayerNotFoundError": "errors",
     "OptimizerConfigError": "errors", "TlcoreError": "errors", "UnsupportedModelError": "errors",
-    "ZooError": "errors", "TrainingDiverged": "errors", "FitInProgressError": "errors",
+    "ZooError": "errors", "TrainingDiverged": "errors", "FitInProgressError": "errors", "ZooConfigError": "errors",
     "Snapshot": "check", "assert_frozen": "check", "changed_tensors": "check", "snapshot": "check",
     "LayerCut": "cut", "FreezePolicy": "freeze", "Head": "head", "HeadError": "head",
     "finetune": "workflow", "wrap": "workflow", "load": "workflow", "resume": "resumable",
@@ -59,7 +59,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .cut import LayerCut  # noqa: F401
     from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError,  # noqa: F401
                          FitInProgressError, FreezePolicyError, FrozenWeightsChanged, LayerNotFoundError,
-                         OptimizerConfigError, TlcoreError, TrainingDiverged, UnsupportedModelError, ZooError)
+                         OptimizerConfigError, TlcoreError, TrainingDiverged, UnsupportedModelError, ZooConfigError,
+                         ZooError)
     from .resumable import resume  # noqa: F401
     from .workflow import finetune, load, wrap  # noqa: F401
     from .freeze import FreezePolicy  # noqa: F401

@@ -19,6 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from .data import as_float
 from .errors import TlcoreError, unknown_name_message
 
 if TYPE_CHECKING:
@@ -61,7 +64,7 @@ class _Monitor(Callback):
         if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not math.isfinite(min_delta) \
                 or min_delta < 0:
             raise CallbackError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-        self.monitor, self.mode, self.min_delta = monitor, _mode(monitor, mode), float(min_delta)
+        self.monitor, self.mode, self.min_delta = monitor, _mode(monitor, mode), as_float(min_delta)
         self.monitors = (monitor,)
         self.best: float | None = None
 
@@ -135,7 +138,7 @@ class ModelCheckpoint(_Monitor):
 
 
 def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":  # numpy's bool
+    if not isinstance(value, (bool, np.bool_)):
         raise CallbackError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 

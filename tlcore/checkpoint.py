@@ -48,6 +48,8 @@ VERSION = 2
 MAX_HEADER_BYTES = 16 * 2 ** 20
 #: how deeply the record's JSON may nest (a real record nests 4 levels)
 MAX_RECORD_DEPTH = 32
+#: the most tensors a checkpoint may hold
+MAX_TENSORS = 2 ** 16
 _RESERVED = ("format", "version", "sha256")
 
 
@@ -266,6 +268,9 @@ def _read_header(path: Path) -> dict:
         raise NotACheckpointError(f"{shown!r} is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise NotACheckpointError(f"{shown!r} is not a safetensors file (its header is not a JSON object)")
+    if len(header) > MAX_TENSORS + 1:
+        raise CheckpointCorruptedError(f"{shown!r} declares {len(header) - 1:,} tensors, more than the "
+                                       f"{MAX_TENSORS:,} a checkpoint may hold")
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":

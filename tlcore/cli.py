@@ -85,15 +85,23 @@ def cmd_inspect(args) -> int:
     """Print what a checkpoint holds; a bad file (missing, corrupted, foreign, or with metadata that
     ``tl.load`` would refuse) is one error line and exit status 2."""
     from tlcore.checkpoint import read
+    from tlcore.errors import short_repr
     from tlcore.workflow import check_record
 
     tensors, meta = read(args.path)
+    train = meta.get("train")
+    if train is not None:  # a training state (fit(checkpoint_dir=...)): the model's tensors are under model/
+        from tlcore.resumable import _train_record
+
+        train = _train_record(meta, Path(args.path))
+        tensors = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     record = check_record(meta, args.path, tensors)
     trainable = record["trainable"]
     sizes = {k: int(v.size) for k, v in tensors.items()}
     n_train = sum(s for k, s in sizes.items() if trainable.get(k))
     print(f"checkpoint   {args.path}")
-    print(f"architecture {record['arch'] or 'wrapped native model'}  config={json.dumps(meta.get('config'))}")
+    config = json.dumps(record["config"]) if record["arch"] else short_repr(record["config"], 200)
+    print(f"architecture {record['arch'] or 'wrapped native model'}  config={config}")
     if record["pretrained"]:
         print(f"pretrained   {record['pretrained']}")
     for i, step in enumerate(record["steps"], 1):
@@ -105,6 +113,9 @@ def cmd_inspect(args) -> int:
     print(f"tensors      {len(tensors)}: {sum(sizes.values()):,} values; trainable {n_train:,}, "
           f"frozen or non-trainable {sum(sizes.values()) - n_train:,}")
     print("layers       " + ", ".join(record["layers"]))
+    if train is not None:
+        print(f"training     state of a run: epoch {short_repr(train.get('epoch'))}, step "
+              f"{short_repr(train.get('step'))}; continue it with tl.resume(<its folder>)")
     return 0
 
 

@@ -289,6 +289,8 @@ def state_value(value: Any, like: np.ndarray) -> tuple[np.ndarray | None, str]:
             nan = int(np.isnan(arr).sum())
             return None, f"has {nan} NaN and {int(arr.size - finite.sum()) - nan} inf value(s)"
     if dtype.kind == "f":
+        if kind == "f" and arr.dtype.itemsize <= dtype.itemsize or kind in "biu" and dtype.itemsize >= 4:
+            return arr.astype(dtype), ""  # always in range: no pass over the values
         top = float(np.max(np.abs(arr.astype(np.float64))))
         if top > float(np.finfo(dtype).max):
             return None, f"has a value ({top:g}) beyond the range of {dtype} ({float(np.finfo(dtype).max):g})"

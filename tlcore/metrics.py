@@ -165,6 +165,10 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
 
 
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class Accumulator:
     """Metrics over many batches, without keeping the predictions where it can.
 
@@ -180,6 +184,8 @@ class Accumulator:
         loss_spec: A loss spec or name: adds ``"loss"`` (the weighted mean of
             :meth:`tlcore.losses.LossSpec.reference`) and makes width >= 2 outputs multi-label for
             :class:`~tlcore.losses.BinaryCrossEntropy`.
+        nonfinite: Logits with NaN or inf: ``"raise"`` a DataError, or ``"nan"``: count the batch and
+            make every metric NaN (what ``fit(on_nonfinite="ignore")`` reports of a model trained into NaN).
 
     Raises:
         MetricError: For bad names, before any data is seen.
@@ -193,7 +199,11 @@ class Accumulator:
         {'loss': 0.4714, 'accuracy': 0.6667, 'auc': 1.0}
     """
 
-    def __init__(self, names: str | Iterable[str], loss_spec: LossSpec | str | None = None) -> None:
+    def __init__(self, names: str | Iterable[str], loss_spec: LossSpec | str | None = None,
+                 nonfinite: str = "raise") -> None:
+        if nonfinite not in ("raise", "nan"):
+            raise MetricError(f"nonfinite must be 'raise' or 'nan', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.loss_spec = None if loss_spec is None else as_loss(loss_spec)
         self.names = check_metric_names(names, with_loss=self.loss_spec is not None)
         self._ks = sorted({int(m.group(1)) for m in map(_TOP.match, self.names) if m})
@@ -242,6 +252,10 @@ class Accumulator:
         z = _array(logits, "logits")
         if z.ndim == 0 or z.shape[0] == 0:
             raise DataError(f"logits is empty (shape {z.shape}); give at least one sample")
+        if self.nonfinite == "nan" and not np.isfinite(z).all():
+            self.num_samples += len(z)
+            self._s["nonfinite"] = 1.0
+            return self
         z = _finite_float(z, "logits", np.float64)
         n = len(z)
         w = check_sample_weight(sample_weight, n)
@@ -275,6 +289,60 @@ class Accumulator:
                 self._s[key] = value
         self.num_samples += n
         return self
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The sums so far as a JSON-able record and named arrays (what a training state saves);
+        :meth:`load_state` puts them back.
+
+        Example:
+            >>> acc = Accumulator(["accuracy"]).update(np.array([[2.0, 0.0]]), np.array([0]))
+            >>> again = Accumulator(["accuracy"]); again.load_state(*acc.export_state()); again.result()
+            {'accuracy': 1.0}
+        """
+        record: dict[str, Any] = {"num_samples": self.num_samples, "width": self._width, "task": self._task,
+                                  "scalars": {}, "arrays": [], "lists": {}}
+        arrays: dict[str, np.ndarray] = {}
+        for key, value in self._s.items():
+            if isinstance(value, list):
+                record["lists"][key] = len(value)
+                for i, parts in enumerate(value):
+                    arrays.update({f"{key}/{i}/{j}": np.asarray(a) for j, a in enumerate(parts)})
+            elif isinstance(value, np.ndarray):
+                record["arrays"].append(key)
+                arrays[key] = value
+            else:
+                record["scalars"][key] = float(value)
+        return record, arrays
+
+    def load_state(self, record: Any, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the sums with those :meth:`export_state` gave (``record`` is checked first).
+
+        Raises:
+            DataError: ``record`` or ``arrays`` malformed (nothing is changed then).
+        """
+        def bad(what: str) -> DataError:
+            return DataError(f"malformed metric state: {what}")
+
+        if not isinstance(record, dict):
+            raise bad(f"expected an object, got {type(record).__name__}")
+        n, width, task = record.get("num_samples"), record.get("width"), record.get("task")
+        if not _count(n) or not (width is None or _count(width) and width > 0) or task not in (
+                None, "binary", "multilabel", "multiclass"):
+            raise bad("num_samples, width or task")
+        scalars, keys, lists = record.get("scalars"), record.get("arrays"), record.get("lists")
+        if not isinstance(scalars, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    for v in scalars.values()):
+            raise bad("scalars")
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k in arrays for k in keys):
+            raise bad("arrays")
+        if not isinstance(lists, dict) or not all(_count(c) and all(f"{k}/{i}/{j}" in arrays for i in range(c)
+                                                                      for j in range(3)) for k, c in lists.items()):
+            raise bad("lists")
+        sums: dict[str, Any] = {"weight": 0.0, **{k: float(v) for k, v in scalars.items()}}
+        sums.update({k: np.asarray(arrays[k]) for k in keys})
+        for k, c in lists.items():
+            sums[k] = [tuple(np.asarray(arrays[f"{k}/{i}/{j}"]) for j in range(3)) for i in range(c)]
+        self.num_samples, self._width, self._task, self._s = int(n), width, task, sums
 
     def _classification_stats(self, z: np.ndarray, targets: Any, w: np.ndarray) -> dict[str, Any]:
         n, width = z.shape
@@ -349,6 +417,8 @@ class Accumulator:
         if self.num_samples == 0:
             raise DataError("no batch was added; call update(logits, targets) first")
         s = self._s
+        if s.get("nonfinite"):
+            return {name: float("nan") for name in self.names}
         total = s["weight"]
         if not total > 0:
             raise DataError("the sample weights sum to 0, so the weighted metrics are undefined; give some "

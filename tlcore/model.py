@@ -799,7 +799,8 @@ class Model(ModelPrimitives):
                     start = skip if epoch == first else 0
                     epoch_rng = state.rng.bit_generator.state  # a resumed epoch replays its order from here
                     lrs = training.LearningRates(schedule, state.step)
-                    acc = Accumulator(run.metrics, run.spec.loss)
+                    nonfinite = "raise" if run.spec.guard else "nan"  # "ignore" reports NaN metrics, trains on
+                    acc = Accumulator(run.metrics, run.spec.loss, nonfinite)
                     if start:
                         point.restore_metrics(acc)
                     ticks = [0]
@@ -828,7 +829,7 @@ class Model(ModelPrimitives):
                         trainer.finish()
                         forward = (lambda xb: np.asarray(owner._forward(xb)))
                         logs.update({f"val_{k}": v for k, v in training.evaluate_source(
-                            forward, epoch_val, run.metrics, run.spec.loss, check).items()})
+                            forward, epoch_val, run.metrics, run.spec.loss, check, nonfinite).items()})
                     # the rate of the epoch's last step (of the run's last one when a resumed epoch had none left)
                     logs["lr"] = lrs.applied[-1] if lrs.applied else float(schedule.lr_at(max(state.step - 1, 0)))
                     hist.append(logs)

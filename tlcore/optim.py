@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+import numpy as np
+
 from .data import as_float
 from .errors import OptimizerConfigError, unknown_name_message
 from .groups import Discriminative, LayerDecay, LayerGroups, ParamPlan, check_no_decay
@@ -37,11 +39,11 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 
 def _real(value: object) -> bool:
     """A real number (numpy scalars included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _flag(owner: str, name: str, value: object) -> None:
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         raise OptimizerConfigError(f"{owner}: {name} must be True or False, got {value!r}")
 
 
@@ -85,7 +87,7 @@ class OptimizerSpec:
             value = getattr(self, f.name)
             if _real(value):
                 object.__setattr__(self, f.name, as_float(value))
-            elif type(value).__name__ == "bool_":
+            elif isinstance(value, np.bool_):
                 object.__setattr__(self, f.name, bool(value))
 
     @property

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError, short_repr
 from .metrics import Accumulator
 
 #: the training state's file name in a checkpoint folder
@@ -90,15 +89,8 @@ class ResumePoint:
 
     def restore_metrics(self, acc: Accumulator) -> None:
         """Put the saved metric sums of the epoch so far into ``acc``."""
-        if not self.metrics:
-            return
-        m = self.metrics
-        acc.num_samples, acc._width, acc._task = m["num_samples"], m["width"], m["task"]
-        acc._s = dict(m["scalars"])
-        for key in m["arrays"]:
-            acc._s[key] = self.metric_arrays[key]
-        for key, count in m["lists"].items():
-            acc._s[key] = [tuple(self.metric_arrays[f"{key}/{i}/{j}"] for j in range(3)) for i in range(count)]
+        if self.metrics:
+            acc.load_state(self.metrics, self.metric_arrays)
 
 
 def _short(text: str | None, limit: int = 160) -> str:
@@ -206,31 +198,13 @@ class Checkpointer:
         tensors.update({f"random/{k}": v for k, v in model._random_state().items()})
         metrics = {}
         if acc is not None and acc.num_samples:
-            metrics, arrays = _metric_state(acc)
+            metrics, arrays = acc.export_state()
             tensors.update({f"metrics/{k}": v for k, v in arrays.items()})
         train = {"epoch": epoch, "batch": batch, "step": step, "seed": seed, "rng": _texts(rng),
                  "history": history, "info": info, "steps": optimizer["steps"], "metrics": metrics,
                  "fingerprints": self.fingerprints}
         self.writes += 1
         return checkpoint.write(self.path, tensors, {**model_meta(model), "train": train})
-
-
-def _metric_state(acc: Accumulator) -> tuple[dict, dict[str, np.ndarray]]:
-    """An accumulator's sums as JSON (floats) and arrays (counts, kept scores)."""
-    meta = {"num_samples": acc.num_samples, "width": acc._width, "task": acc._task, "scalars": {}, "arrays": [],
-            "lists": {}}
-    arrays = {}
-    for key, value in acc._s.items():
-        if isinstance(value, list):
-            meta["lists"][key] = len(value)
-            for i, parts in enumerate(value):
-                arrays.update({f"{key}/{i}/{j}": np.asarray(a) for j, a in enumerate(parts)})
-        elif isinstance(value, np.ndarray):
-            meta["arrays"].append(key)
-            arrays[key] = value
-        else:
-            meta["scalars"][key] = float(value)
-    return meta, arrays
 
 
 # ---------------------------------------------------------------------------- reading
@@ -244,13 +218,20 @@ def _train_record(meta: dict, path: Path) -> dict:
              "steps": dict, "metrics": dict, "fingerprints": dict}
     for key, kind in types.items():
         value = train.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and not 0 <= value < 2 ** 62):
             raise checkpoint.CheckpointCorruptedError(
-                f"{str(path)!r} has a malformed training state: {key!r} must be {'an int >= 0' if kind is int else 'a ' + kind.__name__}, "
-                f"got {type(value).__name__}")
+                f"{str(path)!r} has a malformed training state: {key!r} must be "
+                f"{'an int in [0, 2**62)' if kind is int else 'a ' + kind.__name__}, got {short_repr(value)}")
+    def bad(what: str) -> checkpoint.CheckpointCorruptedError:
+        return checkpoint.CheckpointCorruptedError(f"{str(path)!r} has a malformed training state: {what}")
+
     if not all(isinstance(logs, dict) and all(isinstance(v, (int, float)) for v in logs.values())
                for logs in train["history"]):
-        raise checkpoint.CheckpointCorruptedError(f"{str(path)!r} has a malformed training state: 'history'")
+        raise bad("'history' must be a list of {name: number} per epoch")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 62 for v in train["steps"].values()):
+        raise bad("'steps' must map tensor names to step counts (ints >= 0)")
+    if not all(isinstance(v, str) for v in train["fingerprints"].values()):
+        raise bad("'fingerprints' must map names to text")
     return train
 
 
@@ -281,28 +262,23 @@ def resume(folder: str | os.PathLike, backend: str | None = None, model: Any = N
         if kind not in parts or not rest:
             raise checkpoint.CheckpointCorruptedError(f"{str(path)!r} holds an unexpected tensor {key!r}")
         parts[kind][rest] = value
-    m = rebuild(parts["model"], meta, path, backend=backend, model=model, head=head)
     slots: dict[str, dict[str, np.ndarray]] = {}
     for key, value in parts["optimizer"].items():
         slot, _, name = key.partition("/")
         slots.setdefault(name, {})[slot] = value
-    steps = {str(k): int(v) for k, v in train["steps"].items()}
+    point = ResumePoint(Path(folder), train["epoch"], train["batch"], train["step"], train["seed"], train["rng"],
+                        train["history"], train["info"], {"slots": slots, "steps": dict(train["steps"])},
+                        dict(train["fingerprints"]), train["metrics"], parts["metrics"])
+    try:  # the parts rebuild() does not check, checked before anything is built
+        point.generator()
+        point.restore_metrics(Accumulator(["accuracy"]))
+    except (DataError, TypeError, ValueError, KeyError) as e:
+        raise checkpoint.CheckpointCorruptedError(f"{str(path)!r} has a malformed training state: {e}") from None
+    m = rebuild(parts["model"], meta, path, backend=backend, model=model, head=head)
     if m.backend == meta.get("backend"):
-        m._set_random_state(parts["random"])
-    m._resume_point = ResumePoint(
-        Path(folder), train["epoch"], train["batch"], train["step"], train["seed"], train["rng"],
-        train["history"], train["info"], {"slots": slots, "steps": steps},
-        {k: str(v) for k, v in train["fingerprints"].items()}, train["metrics"], parts["metrics"])
+        try:
+            m._set_random_state(parts["random"])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise checkpoint.CheckpointCorruptedError(f"{str(path)!r} has a malformed random state: {e}") from None
+    m._resume_point = point
     return m
-
-
-def describe(folder: str | os.PathLike) -> str:
-    """One line about the training state in ``folder`` (for errors and ``tlcore inspect``)."""
-    _, meta = checkpoint.read(Path(folder) / STATE_FILE)
-    train = meta.get("train") or {}
-    return f"epoch {train.get('epoch')}, batch {train.get('batch')}, step {train.get('step')}"
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with numpy scalars as Python numbers (for the JSON record)."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

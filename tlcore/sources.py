@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import numbers
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -259,9 +260,10 @@ def scale(x: Any, factor: float) -> Scaled:
         >>> next(src.batches(np.random.default_rng(0))).x.tolist()
         [[1.0, 1.0], [1.0, 1.0]]
     """
-    if not np.isfinite(factor):
-        raise DataError(f"scale factor must be a finite number, got {factor!r}")
-    return Scaled(x, float(factor))
+    if isinstance(factor, (bool, np.bool_)) or not isinstance(factor, numbers.Real) or not np.isfinite(factor) \
+            or factor == 0:
+        raise DataError(f"scale factor must be a finite number other than 0 (e.g. 1 / 255), got {factor!r}")
+    return Scaled(x, data.as_float(factor))
 
 
 class _ScaledArrays(Arrays):

@@ -194,9 +194,11 @@ class DeferredInterrupt:
             raise KeyboardInterrupt
 
 
-def evaluate_source(forward, source: Source, names: tuple[str, ...], spec: losses.LossSpec, check) -> dict:
-    """Loss and metrics of ``forward(x)`` over a source's batches (inference)."""
-    acc = Accumulator(names, spec)
+def evaluate_source(forward, source: Source, names: tuple[str, ...], spec: losses.LossSpec, check,
+                    nonfinite: str = "raise") -> dict:
+    """Loss and metrics of ``forward(x)`` over a source's batches (inference); ``nonfinite`` as
+    :class:`~tlcore.metrics.Accumulator`'s."""
+    acc = Accumulator(names, spec, nonfinite)
     for batch in checked_batches(source, np.random.default_rng(0), check):
         acc.update(forward(batch.x), batch.y, batch.w)
     return acc.result()

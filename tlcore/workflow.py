@@ -142,6 +142,10 @@ def load(path: str | os.PathLike, backend: str | None = None, model: Any = None,
         tl.CheckpointError (and its subclasses): missing, corrupted, foreign or mismatched files.
     """
     tensors, meta = checkpoint.read(path)
+    if "train" in meta:
+        raise checkpoint.NotACheckpointError(
+            f"{str(path)!r} is a training state written by fit(checkpoint_dir=...); continue the run (or get its "
+            "model) with tl.resume(<its folder>)")
     return rebuild(tensors, meta, path, backend=backend, model=model, head=head)
 
 
@@ -151,7 +155,7 @@ def rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: str | os
     freeze policy applied; ``path`` names the file in errors. ``meta`` is checked first
     (:func:`check_record`); an error replaying it is a :class:`tl.CheckpointError` naming the file."""
     from .errors import TlcoreError
-    from .registry import get_backend
+    from .registry import get_backend, specs
     from .zoo import _build
 
     record = check_record(meta, path, tensors)
@@ -160,7 +164,10 @@ def rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: str | os
         base = wrap(model, backend=backend)
     elif record["arch"]:
         name = backend or record["backend"]
-        get_backend(name)  # an unknown or uninstalled backend: tl.BackendNotFoundError, as for tl.zoo.create
+        if backend is None and name not in specs():
+            raise CheckpointError(f"{shown!r}: metadata field backend names no tlcore backend: {name!r}; load it "
+                                  "with tl.load(path, backend='torch') (or 'keras', 'jax')")
+        get_backend(name)  # an uninstalled backend: tl.BackendNotFoundError, as for tl.zoo.create
         base = _build(record["arch"], name, record["config"])
         base.meta["pretrained"] = record["pretrained"]
     else:
@@ -202,7 +209,8 @@ def check_record(meta: Any, path: str | os.PathLike, tensors: dict[str, np.ndarr
     """The checkpoint record ``meta`` (as :func:`model_meta` writes it) with every field checked and
     parsed, before anything is built: types, bounds, the zoo config (:func:`tlcore.zoo.archs.config_for`:
     at most ``tlcore.zoo.MAX_PARAMS`` parameters), heads (:class:`tl.Head`), the freeze policy (a safe
-    regex), the input shape; with ``tensors``, the last head's sizes against the tensors the file holds.
+    regex), the input shape; with ``tensors``, the shapes the zoo config and the last head describe
+    against the tensors the file holds (so a model bigger than the file is never built).
     Fields it does not replay (``versions``, ``layers``, ``trainable``) are checked for their types.
 
     Returns:
@@ -215,7 +223,7 @@ def check_record(meta: Any, path: str | os.PathLike, tensors: dict[str, np.ndarr
     """
     from .data import check_input_shape
     from .errors import TlcoreError, short_repr
-    from .zoo.archs import ARCHITECTURES, check_activation, config_for, input_shape_for
+    from .zoo.archs import ARCHITECTURES, check_activation, config_for, input_shape_for, state_shapes
 
     shown = str(path)
 
@@ -318,6 +326,14 @@ def check_record(meta: Any, path: str | os.PathLike, tensors: dict[str, np.ndarr
     if not isinstance(trainable, dict) or not all(isinstance(v, bool) for v in trainable.values()):
         raise bad("trainable", f"must be an object of true/false per tensor, got {short_repr(trainable)}")
     out["trainable"] = trainable
+    if tensors is not None and arch is not None:  # what the config describes and the file holds: the same
+        shapes = state_shapes(arch, config)
+        for name, shape in shapes.items():
+            held = tensors.get(name)
+            if held is None and not out["steps"]:  # the whole zoo model is in the file
+                raise bad("config", f"describes a {arch} with a tensor {name} {shape}, which the file lacks")
+            if held is not None and tuple(held.shape) != shape:
+                raise bad("config", f"describes {name} of shape {shape}, but the file holds {tuple(held.shape)}")
     if tensors is not None and out["steps"]:
         _check_last_head(out["steps"][-1], tensors, bad)
     return out

@@ -52,3 +52,50 @@ class Native:
 
     def optimizer_state_bytes(self) -> int:
         return int(sum(np.prod(v.shape, dtype=np.int64) * np.dtype(v.dtype).itemsize for v in self.opt.variables))
+
+
+class NativeRecipe:
+    """The recipe by hand in Keras, which has no per-variable rates: one ``keras.optimizers.AdamW``
+    per (layer-decay multiplier, decay) group, each on ``CosineDecay`` with linear warmup to ``LR``
+    times its multiplier, all applied in one ``tf.function`` step as :class:`Native`'s (everything
+    trains). Left as a Keras user gets them, Keras' Adam numerics differ from tlcore's (PyTorch's):
+    ``epsilon`` is added to ``sqrt(v)`` before the bias correction, and ``1 - beta_2 ** t`` is computed
+    in float32 (~1e-5 off at the first steps); the weights therefore differ by a few % after a few steps."""
+
+    def __init__(self, model, total: int):
+        from tlcore.groups import plan_params
+
+        from ..worker import recipe_optimizer
+
+        spec = recipe_optimizer(model, total)
+        warmup = spec.schedule.warmup_steps
+        variable = {t.name: t.variable for t in model._tensors}  # tlcore name -> Keras variable
+        groups: dict[tuple[float, float], list] = {}
+        for name, _, m, wd in plan_params(spec, model).entries:
+            groups.setdefault((m, wd), []).append(variable[name])
+        self.net = model.native
+        self.groups = []
+        for (m, wd), variables in groups.items():
+            lr = keras.optimizers.schedules.CosineDecay(0.0, total - warmup, warmup_target=LR * m,
+                                                        warmup_steps=warmup)
+            opt = keras.optimizers.AdamW(lr, weight_decay=wd, beta_1=spec.betas[0], beta_2=spec.betas[1],
+                                         epsilon=spec.eps)
+            opt.build(variables)
+            self.groups.append((opt, variables))
+        self.variables = [v for _, variables in self.groups for v in variables]
+        self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        spec_x = tf.TensorSpec((None, *self.net.inputs[0].shape[1:]), tf.float32)
+        self._step = tf.function(self._train_step, input_signature=[spec_x, tf.TensorSpec((None,), tf.int64)])
+
+    def _train_step(self, x, y):
+        with tf.GradientTape() as tape:
+            loss = self.loss(y, self.net(x, training=True))
+        grads = iter(tape.gradient(loss, self.variables))
+        for opt, variables in self.groups:
+            opt.apply([next(grads) for _ in variables], variables)
+        return loss
+
+    def train_epoch(self, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+        for i in range(0, len(x), batch):
+            loss = self._step(x[i:i + batch], y[i:i + batch])
+        return float(loss)

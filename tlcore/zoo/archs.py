@@ -22,12 +22,13 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ZooConfigError, ZooError, short_repr, unknown_name_message
-from ..head import MAX_PARAMS, MAX_SIZE, dense_params
+from ..head import MAX_PARAMS, MAX_SIZE
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "mlp": {"in_features": 64, "hidden": (128, 64), "num_classes": 10},
@@ -109,6 +110,70 @@ def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def state_shapes(name: str, cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of ``state()`` of zoo model ``name`` built from the checked ``cfg``
+    (PyTorch's names and layouts, the same on every backend), computed without building it.
+
+    Example:
+        >>> state_shapes("mlp", config_for("mlp", {"in_features": 4, "hidden": (8,), "num_classes": 3}))
+        {'fc1.weight': (8, 4), 'fc1.bias': (8,), 'fc.weight': (3, 8), 'fc.bias': (3,)}
+    """
+    out: dict[str, tuple[int, ...]] = {}
+
+    def dense(prefix: str, fan_in: int, fan_out: int) -> None:
+        out[f"{prefix}.weight"], out[f"{prefix}.bias"] = (fan_out, fan_in), (fan_out,)
+
+    def norm(prefix: str, width: int, stats: bool = True) -> None:
+        for leaf in ("weight", "bias", "running_mean", "running_var") if stats else ("weight", "bias"):
+            out[f"{prefix}.{leaf}"] = (width,)
+
+    nc = cfg["num_classes"]
+    if name == "mlp":
+        width = cfg["in_features"]
+        for i, h in enumerate(cfg["hidden"], 1):
+            dense(f"fc{i}", width, h)
+            width = h
+    elif name == "small_cnn":
+        width = cfg["in_channels"]
+        for i, w in enumerate(cfg["widths"], 1):
+            out[f"conv{i}.weight"] = (w, width, 3, 3)
+            norm(f"bn{i}", w)
+            width = w
+    elif name == "resnet18":
+        w = cfg["width"]
+        out["conv1.weight"] = (w, cfg["in_channels"], 7, 7)
+        norm("bn1", w)
+        width = w
+        for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2)), 1):
+            cout = w * mult
+            for j, (cin, s) in enumerate(((width, stride), (cout, 1))):
+                block = f"layer{i}.{j}"
+                out[f"{block}.conv1.weight"] = (cout, cin, 3, 3)
+                norm(f"{block}.bn1", cout)
+                out[f"{block}.conv2.weight"] = (cout, cout, 3, 3)
+                norm(f"{block}.bn2", cout)
+                if s != 1 or cin != cout:
+                    out[f"{block}.downsample.0.weight"] = (cout, cin, 1, 1)
+                    norm(f"{block}.downsample.1", cout)
+            width = cout
+    else:
+        d, p, hidden = cfg["dim"], cfg["patch_size"], cfg["dim"] * cfg["mlp_ratio"]
+        out["patch_embed.weight"], out["patch_embed.bias"] = (d, cfg["in_channels"], p, p), (d,)
+        out["embed.cls_token"] = (1, 1, d)
+        out["embed.pos_embed"] = (1, (cfg["image_size"] // p) ** 2 + 1, d)
+        for i in range(cfg["depth"]):
+            norm(f"blocks.{i}.norm1", d, stats=False)
+            dense(f"blocks.{i}.attn.qkv", d, 3 * d)
+            dense(f"blocks.{i}.attn.proj", d, d)
+            norm(f"blocks.{i}.norm2", d, stats=False)
+            dense(f"blocks.{i}.mlp.fc1", d, hidden)
+            dense(f"blocks.{i}.mlp.fc2", hidden, d)
+        norm("norm", d, stats=False)
+        width = d
+    dense("fc", width, nc)
+    return out
+
+
 def num_state_values(name: str, cfg: dict[str, Any]) -> int:
     """How many values ``state()`` of zoo model ``name`` built from the checked ``cfg`` holds
     (parameters and BatchNorm statistics), computed without building it.
@@ -117,30 +182,7 @@ def num_state_values(name: str, cfg: dict[str, Any]) -> int:
         >>> num_state_values("mlp", config_for("mlp", {"in_features": 4, "hidden": (8,), "num_classes": 3}))
         67
     """
-    nc = cfg["num_classes"]
-    if name == "mlp":
-        return dense_params([cfg["in_features"], *cfg["hidden"], nc])
-    if name == "small_cnn":
-        total, cin = 0, cfg["in_channels"]
-        for w in cfg["widths"]:
-            total, cin = total + cin * w * 9 + 4 * w, w  # conv 3x3 without bias, BatchNorm (4 per channel)
-        return total + dense_params([cin, nc])
-    if name == "resnet18":
-        w = cfg["width"]
-        total, cin = cfg["in_channels"] * w * 49 + 4 * w, w
-        for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
-            cout = w * mult
-            for block_in, block_stride in ((cin, stride), (cout, 1)):
-                total += block_in * cout * 9 + 4 * cout + cout * cout * 9 + 4 * cout
-                if block_stride != 1 or block_in != cout:
-                    total += block_in * cout + 4 * cout  # downsample: 1x1 conv and BatchNorm
-            cin = cout
-        return total + dense_params([cin, nc])
-    d, p = cfg["dim"], cfg["patch_size"]
-    tokens = (cfg["image_size"] // p) ** 2
-    hidden = d * cfg["mlp_ratio"]
-    block = 4 * d + dense_params([d, 3 * d]) + dense_params([d, d]) + dense_params([d, hidden, d])
-    return (cfg["in_channels"] * d * p * p + d) + (tokens + 2) * d + cfg["depth"] * block + 2 * d + dense_params([d, nc])
+    return sum(math.prod(shape) for shape in state_shapes(name, cfg).values())
 
 
 def check_activation(name: str, cfg: dict[str, Any], shape: tuple[int | None, ...] | None, what: str = "input shape") -> None:
