@@ -109,6 +109,17 @@ class Trainer(abc.ABC):
         later steps change nothing either until the next ``reset``/``resume``. A step interrupted by
         Ctrl-C (``KeyboardInterrupt``) leaves the model as the last completed step did."""
 
+    def dispatch(self, x: Any, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> Any:
+        """Start :meth:`step` on one batch and return a handle that :meth:`collect` turns into its
+        outputs; the core collects handles in the order it dispatched them, at most a few behind, so
+        that an asynchronous framework overlaps reading the next batch with the step. :attr:`nonfinite`
+        is known once a step's handle is collected. Default: the step at once."""
+        return self.step(x, y, w, lr)
+
+    def collect(self, handle: Any) -> Any:
+        """The outputs of the dispatched step ``handle`` (see :meth:`dispatch`)."""
+        return handle
+
     def epoch(self, x: Any, y: np.ndarray, w: np.ndarray | None, batches: list,
               on_step: Callable[[int], Any] = lambda n: None, lrs: list[float] | None = None) -> list[Any]:
         """Train on the rows ``b`` of ``x``, ``y`` and ``w`` for each ``b`` of ``batches`` in turn, at

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,10 @@ class LearningRates:
         return rates
 
 
+#: stream steps whose outputs may be collected later than dispatched (see Trainer.dispatch)
+PIPELINE = 2
+
+
 def run_epoch(trainer: Any, source: Source, rng: np.random.Generator, acc: Accumulator, check,
               on_step: Callable[[int], Any], lrs: LearningRates, start: int = 0, every: int | None = None,
               on_boundary: Callable[[int], Any] | None = None) -> int:
@@ -129,19 +134,38 @@ def run_epoch(trainer: Any, source: Source, rng: np.random.Generator, acc: Accum
                 break
             boundary(done)
         return done
-    done = start
-    for i, batch in enumerate(checked_batches(source, rng, check)):
-        if i < start:
-            continue  # trained before the run was interrupted
-        logits = trainer.step(batch.x, batch.y, batch.w, lrs.take(1)[0])
-        if trainer.nonfinite is not None:
-            lrs.applied.pop()
-            break
-        acc.update(np.asarray(logits), batch.y, batch.w)
-        done = i + 1
-        on_step(1)
-        boundary(done)
-    return done
+    # a stream: each step dispatched, its outputs collected up to PIPELINE steps later (a framework
+    # that runs asynchronously reads the next batch meanwhile), every one before a checkpoint
+    pending: deque = deque()
+    collected = [start]
+
+    def collect(keep: int) -> bool:
+        while len(pending) > keep:
+            i, handle, batch = pending.popleft()
+            logits = trainer.collect(handle)
+            if trainer.nonfinite is not None:  # this step and those dispatched after it changed nothing
+                del lrs.applied[len(lrs.applied) - 1 - len(pending):]
+                return False
+            acc.update(np.asarray(logits), batch.y, batch.w)
+            collected[0] = i + 1
+        return True
+
+    try:
+        for i, batch in enumerate(checked_batches(source, rng, check)):
+            if i < start:
+                continue  # trained before the run was interrupted
+            pending.append((i, trainer.dispatch(batch.x, batch.y, batch.w, lrs.take(1)[0]), batch))
+            due = on_boundary is not None and every is not None and (lrs.start + len(lrs.applied)) % every == 0
+            if not collect(0 if due else PIPELINE):
+                return collected[0]
+            on_step(1)
+            if due:
+                boundary(collected[0])
+    except BaseException:  # Ctrl-C, a bad batch: the steps dispatched are done, count them first
+        collect(0)
+        raise
+    collect(0)
+    return collected[0]
 
 
 class DeferredInterrupt:

@@ -788,6 +788,19 @@ class JaxTrainer(Trainer):
         self._check_flags(self._unread)
         return out
 
+    def dispatch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> jax.Array:
+        """:meth:`step` without waiting: the outputs stay on the device, on their way to the host."""
+        self._ensure_started()
+        check_call(self.module, x)
+        out = self._dispatch(to_device(x), _labels(y), _weights(w), np.float32(self._base_lr(lr)))
+        out.copy_to_host_async()
+        return out
+
+    def collect(self, handle: jax.Array) -> np.ndarray:
+        out = np.asarray(handle)
+        self._check_flags(self._unread[:1])  # this step's flag (none once a step was refused)
+        return out
+
     def epoch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None, batches: list,
               on_step: Callable[[int], Any] = lambda n: None, lrs: list[float] | None = None) -> list[np.ndarray]:
         """The core's epoch, on ``x``, ``y`` and ``w`` checked and converted for the device once, at the

@@ -112,7 +112,8 @@ class TorchModel(Model):
                 tensors[name].copy_(torch.from_numpy(contiguous(value)))
 
     def _params(self) -> dict[str, nn.Parameter]:
-        return {n: t for n, t in self._tensors().items() if isinstance(t, nn.Parameter)}
+        native = dict(self._module.named_parameters(remove_duplicate=False))  # cheaper than a state_dict
+        return {name: native[key] for name, key in self._naming()["keys"].items() if key in native}
 
     def _apply_freeze(self, resolved: Resolved) -> None:
         apply_mask(self._params(), resolved)

@@ -49,6 +49,8 @@ def weighted_loss(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, sp
     if spec.kind == "cross_entropy":
         logits = out.reshape(len(out), -1)
         cw = spec.class_weights(logits.shape[1])
+        if w is None and cw is None:  # the common case, in one fused call
+            return F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
         weight = None if cw is None else torch.as_tensor(cw, dtype=logits.dtype, device=logits.device)
         per = F.cross_entropy(logits, y, weight=weight, label_smoothing=spec.label_smoothing, reduction="none")
         if weight is not None and y.ndim == 1:
@@ -98,6 +100,7 @@ class TorchTrainer(Trainer):
         frozen = {id(m) for m in frozen_bn}
         self.written = [b for m in module.modules() if id(m) not in frozen and getattr(m, "track_running_stats", False)
                         for b in m.buffers(recurse=False)]
+        self._backup: list[torch.Tensor] | None = None
 
     def reset(self, seed: int) -> None:
         """A new run: seed dropout, clear the optimizer state, set the training modes."""
@@ -136,7 +139,13 @@ class TorchTrainer(Trainer):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["mult"]
         args, kwargs = self.to_module(x)
-        backup = [b.clone() for b in self.written] if self.spec.guard else None
+        backup = None
+        if self.spec.guard:  # the statistics this step's forward writes, copied in one call
+            if self.written:
+                if self._backup is None:
+                    self._backup = [torch.empty_like(b) for b in self.written]
+                torch._foreach_copy_(self._backup, self.written)
+            backup = self._backup or []
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = primary_output(self.module(*args, **kwargs))
         yb = torch.from_numpy(y).to(self.device, non_blocking=True)
@@ -148,8 +157,16 @@ class TorchTrainer(Trainer):
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # clip and step on the true gradients
+        clipped, norm = False, None
+        if self.optimizer is not None and self.scaler is None:  # the norm serves the clipping and the guard
+            if self.spec.clip_grad_norm is not None:
+                norm, clipped = nn.utils.clip_grad_norm_(self.params, self.spec.clip_grad_norm, foreach=True), True
+            elif backup is not None:
+                grads = [p.grad for p in self.params if p.grad is not None]
+                norm = nn.utils.get_total_norm(grads, foreach=True) if grads else None
         if backup is not None:
-            bad = self.nonfinite or self._first_nonfinite(loss)
+            total = loss.detach() if norm is None else loss.detach() + norm  # one check, one sync when finite
+            bad = self.nonfinite or (None if bool(torch.isfinite(total)) else self._first_nonfinite(loss))
             if bad is not None:  # the step changes nothing: statistics back, no update
                 if self.written:
                     torch._foreach_copy_(self.written, backup)
@@ -158,7 +175,7 @@ class TorchTrainer(Trainer):
                 self.nonfinite = bad
                 return out.detach().cpu().numpy()
         if self.optimizer is not None:
-            if self.spec.clip_grad_norm is not None:
+            if self.spec.clip_grad_norm is not None and not clipped:
                 nn.utils.clip_grad_norm_(self.params, self.spec.clip_grad_norm, foreach=True)
             if self.scaler is None:
                 self.optimizer.step()
@@ -176,9 +193,6 @@ class TorchTrainer(Trainer):
         if not bool(torch.isfinite(loss)):
             return "loss"
         if self.scaler is not None or self.optimizer is None:
-            return None
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads or bool(torch.isfinite(nn.utils.get_total_norm(grads, foreach=True))):
             return None
         # None when every gradient is finite and only their norm overflowed
         return next((name for name, p in self.named.items()
