@@ -92,6 +92,36 @@ def test_tensors_of_every_framework_are_arrays(backend):
         assert tl.changed_tensors(a.state(), b.state()) == {}, name
 
 
+def test_a_memmap_is_never_read_whole_into_memory(tmp_path):
+    """Peak numpy memory of a fit from a 16,000-image uint8 memmap (47 MiB on disk) stays far below
+    the float32 copy of it (188 MiB): about 24 MiB of batches in flight, the same for 4,000 images;
+    negative control: that copy, made on purpose, is measured as such."""
+    import tracemalloc
+
+    backend = selected_backends()[0]
+    base = tl.zoo.create("small_cnn", backend=backend, widths=(4, 8), input_size=32, num_classes=3)
+    ft = tl.finetune(base, cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(3))
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.uint8, shape=(16000, 32, 32, 3))
+    mm[:] = 7
+    mm.flush()
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    y = np.arange(16000) % 3
+    kw = dict(epochs=1, batch_size=250, progress=False, cache_features=False)
+    ft.fit(tl.data.scale(mm[:500], 1 / 255), y[:500], **kw)  # imports and compiling, not measured
+    whole = mm.size * 4 / 2 ** 20
+    tracemalloc.start()
+    try:
+        ft.fit(tl.data.scale(mm, 1 / 255), y, **kw)
+        peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
+        tracemalloc.reset_peak()
+        copy = np.asarray(mm, dtype=np.float32)
+        control = tracemalloc.get_traced_memory()[1] / 2 ** 20
+    finally:
+        tracemalloc.stop()
+    assert control >= 0.9 * whole and copy.size == mm.size, "negative control: a whole copy is measured"
+    assert peak < whole / 4, f"the fit allocated {peak:.1f} MiB of numpy memory for a {whole:.1f} MiB float copy"
+
+
 def test_a_uint8_memmap_larger_than_a_batch_is_scaled_batch_by_batch(tmp_path):
     backend = selected_backends()[0]
     x, y = data_for(backend)

@@ -107,7 +107,7 @@ def _as_array(value: Any, name: str) -> np.ndarray:
     float. An ``np.memmap`` keeps its dtype (batches are converted as they are read, see
     :func:`batch_dtypes`) and is checked a chunk at a time, so it is never read whole into memory."""
     try:
-        arr = to_numpy(value)
+        arr = value if isinstance(value, np.memmap) else to_numpy(value)  # np.asarray would drop the mapping
     except (TypeError, ValueError, RuntimeError) as e:
         raise DataError(f"{name} must be a numeric array, got {type(value).__name__}: {e}") from None
     kind = arr.dtype.kind
