@@ -37,8 +37,9 @@ if source == "generator":
 else:
     args = (tl.data.scale(np.memmap(path, dtype=np.uint8, mode="r", shape=(n, 64, 64, 3)), 1 / 255), labels)
 t = time.perf_counter()
-ft.fit(*args, epochs=1, batch_size=250, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t)
+info = ft.fit(*args, epochs=1, batch_size=250, progress=False).info
+print(info["cache_features"].split(":")[0].replace(" ", "_"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      time.perf_counter() - t)
 """
 
 
@@ -54,19 +55,19 @@ def measure(n: int, backend: str, source: str, folder: Path) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-c", FIT, str(n), backend, source, str(path)], capture_output=True,
                          text=True, env=env, check=True)
-    mb, seconds = map(float, out.stdout.split()[-2:])
+    cache, mb, seconds = out.stdout.split()[-3:]
     return {"backend": backend, "source": source, "images": n, "data_mb": n * 64 * 64 * 3 * (4 if source ==
-            "generator" else 1) / 2 ** 20, "peak_rss_mb": mb, "seconds": seconds}
+            "generator" else 1) / 2 ** 20, "peak_rss_mb": float(mb), "seconds": float(seconds), "cache_features": cache}
 
 
 def markdown(rows: list[dict], small: int, large: int) -> str:
     lines = [f"Peak RSS of one epoch over {small:,} vs {large:,} images of 64x64x3 (small_cnn, batch 250, new "
              "process each)", "", f"| backend | source | data of {large:,} MB | peak {small:,} MB | "
-             f"peak {large:,} MB | ratio | s for {large:,} |", "|---|---|---|---|---|---|---|"]
+             f"peak {large:,} MB | ratio | s for {large:,} | feature cache |", "|---|---|---|---|---|---|---|---|"]
     for b, s in sorted({(r["backend"], r["source"]) for r in rows}):
         lo, hi = (next(r for r in rows if (r["backend"], r["source"], r["images"]) == (b, s, k)) for k in (small, large))
         lines.append(f"| {b} | {s} | {hi['data_mb']:.0f} | {lo['peak_rss_mb']:.0f} | {hi['peak_rss_mb']:.0f} | "
-                     f"{hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f} | {hi['seconds']:.1f} |")
+                     f"{hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f} | {hi['seconds']:.1f} | {hi['cache_features']} |")
     return "\n".join(lines) + "\n"
 
 

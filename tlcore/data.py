@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import mmap
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
@@ -129,6 +130,7 @@ def _as_array(value: Any, name: str) -> np.ndarray:
         rows = CHUNK_ROWS if isinstance(arr, np.memmap) else len(arr)
         for start in range(0, len(arr), rows):
             _check_finite(arr[start:start + rows], name)
+            release_pages(arr)
     return arr
 
 
@@ -148,6 +150,27 @@ def batch_dtypes(x: Any) -> Any:
     if isinstance(x, tuple):
         return tuple(batch_dtypes(v) for v in x)
     return np.asarray(x, dtype=model_dtype(x.dtype))
+
+
+def release_pages(x: Any) -> None:
+    """Unmap the pages a read-only or shared ``np.memmap`` in ``x`` has read (they stay in the OS's
+    file cache, so reading them again is cheap): a pass over a file larger than memory then keeps
+    only a batch of it resident in this process. Other arrays, and copy-on-write maps (mode ``"c"``,
+    whose pages may hold the only copy of a change), are left alone.
+
+    Example:
+        >>> release_pages(np.zeros(3))  # not a memmap: nothing to do
+    """
+    if isinstance(x, dict):
+        for v in x.values():
+            release_pages(v)
+    elif isinstance(x, tuple):
+        for v in x:
+            release_pages(v)
+    elif isinstance(x, np.memmap) and getattr(x, "mode", "c") in ("r", "r+") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping = getattr(x, "_mmap", None)  # numpy's handle on the mapping, shared by its views
+        if mapping is not None and not mapping.closed:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def as_inputs(x: Any, input_shape: Sequence[int | None] | None = None, name: str = "x", hint: str = "") -> Inputs:

@@ -105,6 +105,7 @@ class Arrays(Source):
         for index in self.index_batches(rng):
             yield Batch(data.batch_dtypes(data.take(self.x, index)), None if self.y is None else self.y[index],
                         None if self.w is None else self.w[index])
+            data.release_pages(self.x)  # a memmap keeps only the batches in flight resident
 
     def describe(self) -> str:
         return f"arrays of {self.n} samples"
