@@ -28,3 +28,17 @@ def test_quick_benchmark_writes_json_markdown_and_chart(tmp_path):
     table = (tmp_path / "quick.md").read_text()
     assert "tlcore/native" in table and "speed-up" in table and "DataLoader" in table
     assert (tmp_path / "quick.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("subprocess")
+def test_memory_benchmark_writes_a_row_per_source_and_size(tmp_path):
+    backend = selected_backends()[0]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--sizes", "250,500", "--backends", backend,
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert {(r["source"], r["images"]) for r in rows} == {(s, n) for s in ("generator", "memmap") for n in (250, 500)}
+    assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows)
+    table = (tmp_path / "memory.md").read_text()
+    assert table.count(f"| {backend} |") == 2 and "feature cache" in table

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def run_demo(backends: list[str], shots: int = 10, epochs: int = 30, seed: int =
         src = digits(classes=SOURCE, seed=0)[1]
         echo(f"source task (digits 0-4) test accuracy: {pretrained.evaluate(*src)['accuracy']:.3f}")
         for strategy in STRATEGIES:
-            row = run_one(strategy, backend, data, shots, epochs, seed, progress=True)
+            row = run_one(strategy, backend, data, shots, epochs, seed, progress=sys.stderr.isatty())  # bars on a terminal
             results.append(row)
             if strategy == "frozen fine-tune":
                 echo(f"frozen check: {row['frozen_tensors_checked']} frozen tensors bit-identical after training")
