@@ -122,6 +122,28 @@ def test_a_memmap_is_never_read_whole_into_memory(tmp_path):
     assert peak < whole / 4, f"the fit allocated {peak:.1f} MiB of numpy memory for a {whole:.1f} MiB float copy"
 
 
+def test_rows_of_a_memmap_read_from_its_file_equal_numpy_indexing(tmp_path):
+    from tlcore.data import read_rows, take
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 5, 4)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    raw = np.memmap(tmp_path / "raw.bin", dtype=np.int16, mode="w+", offset=7, shape=(300, 6))
+    raw[:] = rng.integers(-999, 999, size=raw.shape)
+    raw.flush()
+    for mm in (np.load(tmp_path / "a.npy", mmap_mode="r"), np.load(tmp_path / "a.npy", mmap_mode="r")[37:250],
+               np.memmap(tmp_path / "raw.bin", dtype=np.int16, mode="r", offset=7, shape=(300, 6))[5:]):
+        index = rng.permutation(len(mm))[:64]
+        np.testing.assert_array_equal(take(mm, index), np.asarray(mm)[index])
+        assert read_rows(mm, index) is not None, "read from the file, not through the mapping"
+    edited = np.load(tmp_path / "a.npy", mmap_mode="c")
+    edited[3] = 42.0  # in this process only: the file does not have it, so rows must come from the map
+    assert read_rows(edited, np.array([3])) is None and (take(edited, np.array([3])) == 42.0).all()
+    live = np.load(tmp_path / "a.npy", mmap_mode="r+")
+    live[4] = -1.0  # a shared map writes the file's pages: a read sees it
+    assert (read_rows(live, np.array([4])) == -1.0).all()
+
+
 def test_a_uint8_memmap_larger_than_a_batch_is_scaled_batch_by_batch(tmp_path):
     backend = selected_backends()[0]
     x, y = data_for(backend)
