@@ -282,7 +282,7 @@ def _times(x: Any, factor: float) -> Any:
         return {k: _times(v, factor) for k, v in x.items()}
     if isinstance(x, tuple):
         return tuple(_times(v, factor) for v in x)
-    return (x * np.float32(factor)).astype(np.float32) if x.dtype.kind == "f" else x
+    return np.multiply(x, np.float32(factor), dtype=np.float32) if x.dtype.kind == "f" else x
 
 
 # ---------------------------------------------------------------------------- dispatch
