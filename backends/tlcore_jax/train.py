@@ -781,10 +781,7 @@ class JaxTrainer(Trainer):
     def step(self, x: Inputs, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> np.ndarray:
         """Train on one batch at base rate ``lr``; return the logits of its training forward pass
         (float32 numpy)."""
-        self._ensure_started()
-        check_call(self.module, x)
-        out = self._dispatch(to_device(x), _labels(y), _weights(w), np.float32(self._base_lr(lr)))
-        out = np.asarray(out)
+        out = np.asarray(self.dispatch(x, y, w, lr))
         self._check_flags(self._unread)
         return out
 

@@ -23,19 +23,9 @@ from flax import nnx  # noqa: E402
 
 from tlcore_jax import train  # noqa: E402
 from tlcore_jax.layers import NamedSequential, Pool  # noqa: E402
+from jaxpr_walk import conv_count  # noqa: E402
 
 
-def conv_count(jaxpr) -> int:
-    """Convolutions in a jaxpr, nested jaxprs (jit, custom_jvp...) included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "conv_general_dilated"
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += conv_count(inner)
-    return n
 
 
 def hlo_conv_count(text: str) -> int:

@@ -21,6 +21,7 @@ from tlcore.testing.reference import ReferenceOptimizer
 pytest.importorskip("flax", reason="the JAX backend (jax, flax, optax) is not installed")
 
 from tlcore_jax import train  # noqa: E402
+from jaxpr_walk import conv_count  # noqa: E402
 
 BATCH, OUTPUTS = 8, 3
 OPTIMIZER = tl.optim.SGD(lr=0.5, momentum=0.9)  # SGD: the gradient's scale shows (Adam would hide it)
@@ -211,14 +212,3 @@ def test_weighted_losses_compute_no_gradient_for_frozen_parameters(loss):
     assert len(re.findall(r"\bconvolution\(", trainer.compiled_text(x, y, w))) == 2
 
 
-def conv_count(jaxpr) -> int:
-    """Convolutions in a jaxpr, nested jaxprs included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "conv_general_dilated"
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += conv_count(inner)
-    return n

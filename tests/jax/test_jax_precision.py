@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from tlcore_jax import train  # noqa: E402
+from jaxpr_walk import equations  # noqa: E402
 from tlcore_jax.train import LossScale  # noqa: E402
 
 HEAVY_OPS = ("dot_general", "conv_general_dilated")
@@ -26,16 +27,8 @@ FORWARD_CONVS = 2  # the reference network cut after relu2 has two convolutions
 
 def heavy_ops(jaxpr) -> list[tuple[str, set[str]]]:
     """Every matmul and convolution of a jaxpr (nested jaxprs included) with its operands' dtypes."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in HEAVY_OPS:
-            out.append((eqn.primitive.name, {str(v.aval.dtype) for v in eqn.invars}))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    out += heavy_ops(inner)
-    return out
+    return [(eqn.primitive.name, {str(v.aval.dtype) for v in eqn.invars}) for eqn in equations(jaxpr)
+            if eqn.primitive.name in HEAVY_OPS]
 
 
 def compute_dtypes(jaxpr) -> set[str]:

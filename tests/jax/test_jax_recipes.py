@@ -20,6 +20,7 @@ pytest.importorskip("flax", reason="the JAX backend (jax, flax, optax) is not in
 from flax import nnx  # noqa: E402
 
 from tlcore_jax import train  # noqa: E402
+from jaxpr_walk import conv_count  # noqa: E402
 
 
 def started(model: tl.Model, optimizer, **kw) -> train.JaxTrainer:
@@ -30,17 +31,6 @@ def started(model: tl.Model, optimizer, **kw) -> train.JaxTrainer:
     return trainer
 
 
-def conv_count(jaxpr) -> int:
-    """Convolutions in a jaxpr, nested jaxprs included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "conv_general_dilated"
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += conv_count(inner)
-    return n
 
 
 def assert_same_state(a: dict, b: dict) -> None:

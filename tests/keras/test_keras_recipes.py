@@ -249,11 +249,7 @@ def test_optimizer_state_export_import_round_trip():
     again = other._make_trainer(spec)
     again.resume()
     again.import_state(state)
-    back = again.export_state()
-    assert back["steps"] == state["steps"]
-    for name, slots in state["slots"].items():
-        for slot, value in slots.items():
-            np.testing.assert_array_equal(back["slots"][name][slot], value, err_msg=f"{name}/{slot}")
+    assert_same_state(again.export_state(), state)
     lr = opt.schedule.lr_at(6)
     trainer.step(x[:8], y[:8], None, lr)
     again.step(x[:8], y[:8], None, lr)
@@ -265,12 +261,16 @@ def test_optimizer_state_export_import_round_trip():
     assert isinstance(shared, SharedStepTrainer)
     shared.resume()
     shared.import_state(head_state)
-    out = shared.export_state()
-    assert out["steps"] == head_state["steps"]
-    for name, slots in head_state["slots"].items():
-        for slot, value in slots.items():
-            np.testing.assert_array_equal(out["slots"][name][slot], value, err_msg=f"{name}/{slot}")
+    assert_same_state(shared.export_state(), head_state)
 
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    """Two exported optimizer states hold the same step counts and slot values, bit for bit."""
+    assert got["steps"] == want["steps"]
+    for name, slots in want["slots"].items():
+        for slot, value in slots.items():
+            np.testing.assert_array_equal(got["slots"][name][slot], value, err_msg=f"{name}/{slot}")
 
 def test_import_checks_shapes_and_leaves_absent_tensors_at_zero():
     ft = reference_finetune("keras")
