@@ -203,3 +203,18 @@ def test_memory_is_bounded_by_the_batch_not_the_data_set():
         assert out.returncode == 0, out.stderr[-2000:]
         peak[n] = int(out.stdout.split()[-1])
     assert peak[20_000] <= 1.5 * peak[500], peak
+
+
+def test_channels_last_images_for_a_channels_first_model_get_the_transpose_to_use():
+    if "torch" not in selected_backends():
+        pytest.skip("needs the torch backend (a channels-first native model)")
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 2))
+    ft = tl.finetune(tl.wrap(net), cut=tl.LayerCut(drop_last=1), head=tl.Head.linear(2))
+    images, y = np.zeros((8, 16, 16, 3), np.float32), np.arange(8) % 2
+    with pytest.raises(tl.DataError, match=r"channels first: pass x\.transpose\(0, 3, 1, 2\)"):
+        ft.fit(images, y, progress=False)
+    hist = ft.fit(images.transpose(0, 3, 1, 2), y, progress=False)  # what the message says works
+    assert hist.epochs == 1

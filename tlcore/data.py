@@ -203,14 +203,30 @@ def as_inputs(x: Any, input_shape: Sequence[int | None] | None = None, name: str
             if out.ndim != len(expected):
                 raise DataError(f"{name} has {out.ndim} dimensions (shape {out.shape}); the model takes "
                                 f"{len(expected)}: (batch, {', '.join(map(str, input_shape))})")
-            if any(e is not None and e != a for e, a in zip(expected[1:], out.shape[1:])):
+            if not _fits(expected[1:], out.shape[1:]):
                 raise DataError(f"{name} has per-sample shape {out.shape[1:]}; the model takes {tuple(input_shape)}"
-                                + (f" ({hint})" if hint else ""))
+                                + (f" ({hint})" if hint else "") + _layout_hint(tuple(input_shape), out.shape[1:]))
     lengths = {len(a) for a in arrays}
     if len(lengths) > 1:
         sizes = {k: len(v) for k, v in out.items()} if isinstance(out, dict) else [len(a) for a in arrays]
         raise DataError(f"the arrays of {name} have different lengths: {sizes}; every input needs one row per sample")
     return out
+
+
+def _fits(expected: Sequence[int | None], shape: Sequence[int]) -> bool:
+    return len(expected) == len(shape) and all(e is None or e == a for e, a in zip(expected, shape))
+
+
+def _layout_hint(expected: tuple, shape: tuple) -> str:
+    """Advice when images are channels-last and the model takes channels-first (a PyTorch model), or
+    the reverse (tlcore's zoo and Keras models take channels-last on every backend)."""
+    if len(shape) != 3:
+        return ""
+    if _fits(expected, (shape[2], shape[0], shape[1])):
+        return "; these look channels-last and the model takes channels first: pass x.transpose(0, 3, 1, 2)"
+    if _fits(expected, (shape[1], shape[2], shape[0])):
+        return "; these look channels-first and the model takes channels last: pass x.transpose(0, 2, 3, 1)"
+    return ""
 
 
 def any_uint8(x: Any) -> bool:

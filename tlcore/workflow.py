@@ -172,7 +172,8 @@ def rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: str | os
         base.meta["pretrained"] = record["pretrained"]
     else:
         raise CheckpointError(f"{shown!r} holds a wrapped {record['backend']} model that is not from the zoo; pass "
-                              f"the same architecture as tl.load(path, model=<native {record['backend']} model>)")
+                              f"the same architecture as model=<native {record['backend']} model> (tl.load(path, "
+                              "model=...) or tl.resume(folder, model=...))")
     try:
         for i, step in enumerate(record["steps"]):
             spec = step["head"]
