@@ -28,10 +28,10 @@ _EXPORTS = {
     "FeatureCacheRefused": "model", "HeadNotBuiltError": "model", "History": "model", "Model": "model", "Summary": "model",
     "available_backends": "registry", "get_backend": "registry",
     "LayerGroups": "groups", "LayerDecay": "groups", "Discriminative": "groups",
-    "UnfreezeSchedule": "recipes",
+    "UnfreezeSchedule": "recipes", "Adapter": "adapters", "load_adapter": "adapters", "AdapterError": "errors",
 }
 _SUBMODULES = ("optim", "zoo", "testing", "datasets", "checkpoint", "data", "losses", "metrics", "sources",
-               "schedules", "callbacks", "recipes")
+               "schedules", "callbacks", "recipes", "adapters")
 
 __all__ = sorted([*_EXPORTS, "callbacks", "data", "losses", "metrics", "optim", "recipes", "schedules", "zoo"])
 
@@ -55,6 +55,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from . import callbacks, data, losses, metrics, optim, recipes, schedules, zoo  # noqa: F401
     from .groups import Discriminative, LayerDecay, LayerGroups  # noqa: F401
     from .recipes import UnfreezeSchedule  # noqa: F401
+    from .adapters import Adapter, load_adapter  # noqa: F401
+    from .errors import AdapterError  # noqa: F401
     from .check import Snapshot, assert_frozen, changed_tensors, snapshot  # noqa: F401
     from .cut import LayerCut  # noqa: F401
     from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError,  # noqa: F401

@@ -87,6 +87,10 @@ class FitInProgressError(TlcoreError, RuntimeError):
     """``fit`` was called on a model that another thread is training."""
 
 
+class AdapterError(TlcoreError, ValueError):
+    """A LoRA adapter spec, target or file that does not fit (see ``tl.Adapter``)."""
+
+
 class ZooError(TlcoreError, LookupError):
     """An unknown zoo architecture or pretrained tag."""
 

@@ -223,14 +223,15 @@ class FreezePolicy:
         return cls(d["mode"], d.get("target"), d.get("bn", "frozen"))
 
     def resolve(self, tensors: Sequence[TensorInfo], layers: Sequence[str],
-                head: str | None = None) -> Resolved:
-        """Resolve to a mask over ``tensors``; ``head`` names the attached head layer, never frozen.
+                head: str | None = None, adapters: frozenset[str] = frozenset()) -> Resolved:
+        """Resolve to a mask over ``tensors``; ``head`` names the attached head layer and
+        ``adapters`` the LoRA tensors, never frozen.
 
         Raises:
             LayerNotFoundError: ``up_to`` names no layer (the message lists the valid ones).
             FreezePolicyError: ``up_to``/``matching`` would freeze no tensor.
         """
-        base = [t for t in tensors if not (head and in_layer(t.layer, head))]
+        base = [t for t in tensors if not (head and in_layer(t.layer, head)) and t.name not in adapters]
         layers = list(layers)
         weighted = {t.layer.split(".")[0] for t in tensors if t.kind in ("param", "bn_param") and t.layer}
         last = self._up_to_index(layers, weighted) if self.mode == "up_to" else -1
@@ -244,7 +245,9 @@ class FreezePolicy:
         ) if self.bn == "frozen" else frozenset()
         mask = {}
         for t in tensors:
-            if t.kind == "param":
+            if t.name in adapters:
+                mask[t.name] = True
+            elif t.kind == "param":
                 mask[t.name] = t.name not in selected
             elif t.kind in ("bn_param", "bn_stat"):
                 mask[t.name] = t.unit not in frozen_units

@@ -23,7 +23,8 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from .recipes import UnfreezeSchedule
 from .head import Head, HeadPlan, initial_values, plan_head
 from .metrics import Accumulator, check_metric_names
 from .optim import PRECISIONS, Adam, OptimizerSpec, TrainSpec
+
+if TYPE_CHECKING:
+    from .adapters import Adapter, AdapterState
 
 log = logging.getLogger("tlcore")
 
@@ -260,6 +264,7 @@ class Model(ModelPrimitives):
         self._run: RunState | None = None
         self._resume_point: Any = None  # a saved run to continue (set by tl.resume)
         self._is_head_view = False
+        self._adapter: AdapterState | None = None  # LoRA adapters (tlcore.adapters)
         self._busy = threading.Lock()
         self.freeze(policy or FreezePolicy.none())
 
@@ -354,7 +359,8 @@ class Model(ModelPrimitives):
         """
         if not isinstance(policy, FreezePolicy):
             raise TypeError(f"freeze() takes a tl.FreezePolicy, got {type(policy).__name__}")
-        resolved = policy.resolve(self._base_tensors(), self.layers, head=self._head)
+        adapters = frozenset(self._adapter.tensor_names()) if self._adapter else frozenset()
+        resolved = policy.resolve(self._base_tensors(), self.layers, head=self._head, adapters=adapters)
         self._apply_freeze(resolved)
         self._resolved = resolved
         self._changed()
@@ -368,6 +374,41 @@ class Model(ModelPrimitives):
         """What trains changed: trainers and the cached head view no longer apply."""
         self._trainers.clear()
         self._head_view = None
+
+    # ------------------------------------------------------------------ LoRA adapters
+    @property
+    def adapter(self) -> Adapter | None:
+        """The LoRA adapter spec attached by ``tl.finetune(..., adapter=...)`` (None if there is none),
+        its ``targets`` listing the adapted modules."""
+        return self._adapter.spec if self._adapter and not self._adapter.merged else None
+
+    def merge(self, keep_base: bool = True) -> Model:
+        """Fold the LoRA adapters into their kernels, ``W + (alpha / rank) * B @ A`` in float32, in place
+        (as PEFT's ``merge_and_unload``): the model becomes a plain one, with no adapter layers or
+        tensors, and is returned. ``keep_base`` keeps a copy of the kernels, so :meth:`unmerge`
+        restores them bit for bit.
+
+        Example:
+            >>> merged = ft.merge()            # deploy it, save() it...        # doctest: +SKIP
+            >>> restored = merged.unmerge()    # the adapters back, the base bit-exact   # doctest: +SKIP
+        """
+        from .adapters import merge
+
+        return merge(self, keep_base)
+
+    def unmerge(self) -> Model:
+        """Undo :meth:`merge`, in place: the kernels from the stored copy (bit-exact, never by
+        subtraction) and the adapters as they were. Returns the model."""
+        from .adapters import unmerge
+
+        return unmerge(self)
+
+    def save_adapter(self, path) -> Path:
+        """Write only the LoRA adapters and the head, with the base's fingerprint, atomically; load
+        them onto the same base, on any backend, with ``tl.load_adapter(base, path)``."""
+        from .adapters import save_adapter
+
+        return save_adapter(self, path)
 
     def count_params(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; BatchNorm statistics and buffers are not parameters."""

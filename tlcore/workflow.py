@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint, data
+from . import adapters, checkpoint, data
+from .adapters import Adapter
 from .cut import LayerCut, kept_layers
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import AdapterError, CheckpointError, UnsupportedModelError
 from .freeze import FreezePolicy
 from .head import Head, HeadPlan
 from .model import Model
@@ -46,8 +47,8 @@ def wrap(native: Any, backend: str | None = None, input_shape: tuple[int | None,
 
 def finetune(model: Any, cut: LayerCut | None = None, head: Head | Any = None,
              freeze: FreezePolicy | None = None, input_shape: tuple[int, ...] | None = None,
-             seed: int = 0) -> Model:
-    """Cut ``model``, attach ``head`` and apply ``freeze`` (default: freeze all that is kept).
+             seed: int = 0, adapter: Adapter | None = None) -> Model:
+    """Cut ``model``, attach ``head`` and ``adapter`` and apply ``freeze`` (default: freeze all that is kept).
 
     The result owns a copy of the weights: the original model is never modified. Every argument is
     checked before anything is built, and a bad one raises a named :class:`tl.TlcoreError`. The head
@@ -62,7 +63,9 @@ def finetune(model: Any, cut: LayerCut | None = None, head: Head | Any = None,
             none, e.g. to fine-tune the model as it is.
         freeze: what to freeze of the kept part (default ``FreezePolicy.all()``).
         input_shape: per-sample input shape; optional, checked against the data when given.
-        seed: seeds the head's initial weights.
+        seed: seeds the initial weights of the head and the adapters.
+        adapter: LoRA adapters (:class:`tl.Adapter`) on the kept part's dense layers; they always
+            train, and ``freeze`` applies to the rest.
     """
     for value, kind, name in ((cut, LayerCut, "cut"), (freeze, FreezePolicy, "freeze")):
         if value is not None and not isinstance(value, kind):
@@ -71,6 +74,9 @@ def finetune(model: Any, cut: LayerCut | None = None, head: Head | Any = None,
     input_shape = data.check_input_shape(input_shape)
     model = wrap(model)
     model._require_head("a cut")
+    if model._adapter is not None and not model._adapter.merged:
+        raise AdapterError("tl.finetune: the model has LoRA adapters; merge() them first (or save_adapter() them and "
+                           "load them onto a fresh base with tl.load_adapter)")
     weighted = {t.layer.split(".")[0] for t in model.tensors if t.kind in ("param", "bn_param") and t.layer}
     last = (cut or LayerCut()).resolve(model.layers, weighted)
     kept = model._cut(last, kept_layers(model.layers, last))
@@ -88,6 +94,8 @@ def finetune(model: Any, cut: LayerCut | None = None, head: Head | Any = None,
             kept._attach_native(head, step["head_name"])
         else:
             kept._request_head(head, step["head_name"], seed)
+    if adapter is not None:
+        adapters.attach(kept, adapter, seed)
     return kept.freeze(freeze or FreezePolicy.all())
 
 
@@ -105,6 +113,7 @@ def model_meta(model: Model) -> dict[str, Any]:
         "pretrained": model.meta.get("pretrained"), "steps": model.meta.get("steps", []),
         "policy": model.policy.to_dict(), "input_shape": model.input_shape,
         "layers": model.layers, "trainable": model.trainable_mask(),
+        "adapter": model._adapter.spec.to_dict() if model._adapter and not model._adapter.merged else None,
     }
 
 
@@ -142,6 +151,9 @@ def load(path: str | os.PathLike, backend: str | None = None, model: Any = None,
         tl.CheckpointError (and its subclasses): missing, corrupted, foreign or mismatched files.
     """
     tensors, meta = checkpoint.read(path)
+    if adapters.FILE_KEY in meta:
+        raise checkpoint.NotACheckpointError(f"{str(path)!r} holds LoRA adapters only; load them onto their base "
+                                             "with tl.load_adapter(base, path)")
     if "train" in meta:
         raise checkpoint.NotACheckpointError(
             f"{str(path)!r} is a training state written by fit(checkpoint_dir=...); continue the run (or get its "
@@ -188,6 +200,8 @@ def rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: str | os
                 if step["head_width"] is None:
                     raise CheckpointError(f"{shown!r}: metadata steps[{i}] has no head_width to size its head with")
                 base._build_head(HeadPlan(spec, step["head_width"]))
+        if record["adapter"] is not None:
+            adapters.attach(base, record["adapter"], 0)
         base.load_state(fit_state_dict(base, tensors))
         base.freeze(record["policy"])
     except CheckpointError as e:
@@ -288,6 +302,14 @@ def check_record(meta: Any, path: str | os.PathLike, tensors: dict[str, np.ndarr
                              "head_name": text(f"{field}.head_name", step.get("head_name"), optional=True, limit=256),
                              "native_head": native, "head_width": width})
 
+    out["adapter"] = meta.get("adapter")
+    if out["adapter"] is not None:
+        try:
+            out["adapter"] = Adapter.from_dict(out["adapter"])
+        except TlcoreError as e:
+            raise bad("adapter", f"is invalid: {checkpoint.single_line(e)}") from None
+        if isinstance(out["adapter"].targets, str):
+            raise bad("adapter.targets", f"must list the adapted modules, got {short_repr(out['adapter'].targets)}")
     try:
         out["policy"] = FreezePolicy.from_dict(meta.get("policy"))
     except TlcoreError as e:

@@ -34,7 +34,7 @@ from ._kit import REGISTRY, Check
 REFERENCE_LAYERS = ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool", "dropout", "fc"]
 BASE_LAYERS = ("conv1", "bn1", "conv2", "bn2")
 CHECK_MODULES = ("checks_api", "checks_freeze", "checks_modes", "checks_numerics", "checks_inputs", "checks_data",
-                 "checks_recipes", "checks_errors", "checks_reliability")
+                 "checks_recipes", "checks_errors", "checks_reliability", "checks_adapters")
 
 
 def all_checks() -> list[Check]:
