@@ -13,8 +13,9 @@ from .cut import display_name, elided
 
 BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 DROPOUT = (nn.modules.dropout._DropoutNd,)
-#: attributes by which layers outside torch (timm's DropPath, blocks with a drop rate) say they are random
-RATE_ATTRIBUTES = ("drop_prob", "drop_rate", "drop_path_rate")
+#: attributes by which layers outside torch (timm's DropPath, blocks with a drop rate) say they are random;
+#: ``lora_dropout``: a LoRA adapter's dropout (see ``lora.py``)
+RATE_ATTRIBUTES = ("drop_prob", "drop_rate", "drop_path_rate", "lora_dropout")
 
 
 def tensor_infos(module: nn.Module, layers: list[str]) -> tuple[list[TensorInfo], dict[str, str]]:

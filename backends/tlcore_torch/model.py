@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tlcore import data
+from tlcore.adapters import LoraTarget
 from tlcore.checkpoint import contiguous
 from tlcore.cut import dropped_layers
 from tlcore.errors import FreezePolicyError, UnsupportedModelError
@@ -26,6 +27,7 @@ from .cut import (append_head, call_order, check_call, cut_module, example_input
                   modules_by_name, primary_output, timm_head, timm_pre_logits)
 from .freeze import apply_mask, is_stochastic, tensor_infos, train_mode
 from .head import HeadModule, build_head
+from .lora import add_lora, lora_targets, remove_lora
 from .train import TorchTrainer
 
 
@@ -255,6 +257,24 @@ class TorchModel(Model):
         mask = self._resolved.mask
         params = {n: p for n, p in self._params().items() if mask[n]}
         return TorchTrainer(self._module, frozen_bn, spec, self._to_module, self.device, params, self._rng)
+
+    # ---------------------------------------------------------------- adapters
+    def _lora_targets(self) -> list[LoraTarget]:
+        return lora_targets(self._naming()["modules"], self._head)
+
+    def _add_lora(self, target: LoraTarget, scale: float, dropout: float, a: np.ndarray, b: np.ndarray) -> None:
+        add_lora(self._lora_module(target.module), scale, dropout, a, b)
+        self._names, self._infos = None, None  # two new tensors (the core applies the freeze policy)
+
+    def _remove_lora(self, module: str) -> None:
+        remove_lora(self._lora_module(module))
+        self._names, self._infos = None, None
+
+    def _lora_module(self, name: str) -> nn.Module:
+        module = self._naming()["modules"].get(name)
+        if module is None:
+            raise UnsupportedModelError(f"no layer {name!r} to adapt in this model")
+        return module
 
     # ---------------------------------------------------------------- structure
     def _cut(self, last: str | None, layers: list[str]) -> TorchModel:
