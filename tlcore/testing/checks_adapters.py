@@ -193,3 +193,19 @@ def check_lora_bad_input(backend):
         tl.finetune(ft, cut=tl.LayerCut(drop_last=1))
     with raises(tl.AdapterError, "no LoRA adapters"):
         base.merge()
+
+
+@check
+def check_lora_run_resumes_exactly(backend):
+    """A resumable run of an adapted model (``checkpoint_dir``) comes back with its adapters and ends
+    as the run that was never stopped."""
+    ft = adapted(backend)
+    x, y = vit_data(16)
+    with tempfile.TemporaryDirectory() as tmp:
+        _fit(ft, x, y, epochs=1, checkpoint_dir=tmp)
+        back = tl.resume(tmp)
+        assert back.adapter == ft.adapter and back.trainable_mask() == ft.trainable_mask()
+        assert tl.changed_tensors(ft.state(), back.state()) == {}
+        _fit(back, x, y, epochs=2, checkpoint_dir=tmp)
+    _fit(ft, x, y, epochs=1)
+    assert tl.changed_tensors(ft.state(), back.state()) == {}
