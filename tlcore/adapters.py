@@ -329,7 +329,8 @@ def merge(model: Model, keep_base: bool = True) -> Model:
     if state.merged:
         raise AdapterError("merge(): the adapters are merged already; unmerge() first to merge again")
     current = model._read_state()
-    lora = {n: current[n].copy() for n in state.tensor_names()}
+    prefixes = tuple(f"{m}.lora_" for m in state.modules)  # A, B and any random state of the adapters' dropout
+    lora = {n: v.copy() for n, v in current.items() if n.startswith(prefixes)}
     merged, kept = {}, {}
     for t in state.targets:
         a, b = lora[f"{t.module}.lora_A"].astype(np.float32), lora[f"{t.module}.lora_B"].astype(np.float32)
@@ -357,7 +358,7 @@ def unmerge(model: Model) -> Model:
     for t in state.targets:
         model._add_lora(t, state.spec.scale, state.spec.dropout, state.lora[f"{t.module}.lora_A"],
                         state.lora[f"{t.module}.lora_B"])
-    model._write_state(state.kernels)
+    model._write_state({**state.kernels, **state.lora})
     state.merged, state.lora, state.kernels = False, {}, None
     _restructured(model)
     return model

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tlcore.adapters import LoraTarget
 from tlcore.backend import Trainer
 from tlcore.cut import dropped_layers
 from tlcore.data import Inputs, num_samples, take
@@ -27,12 +28,14 @@ from tlcore.head import HeadPlan
 from tlcore.model import FEATURE_BATCH, Model
 from tlcore.optim import TrainSpec
 
-from .cut import (WRAPPERS, _children, append_head, call_order, cut_module, is_sequential, layer_entries,
+from .cut import (WRAPPERS, _children, append_head, call_order, cut_module, get_path, is_sequential, layer_entries,
                   static_width, top_layer, trace_shapes)
 from .freeze import Layout, Partition, layout, partition, set_modes, stochastic_modules
 from .head import build_head
 from .inputs import abstract, call, check_call
 from .layers import CanonicalConv, CanonicalLinear, HeadModule
+from .lora import (add_lora, call_rank, dense_layers, dropout_seed, lora_targets, remove_lora, rng_state,
+                   set_rng_state)
 from .train import JaxTrainer, _infer, infer_batches
 
 log = logging.getLogger("tlcore")
@@ -101,6 +104,8 @@ class JaxModel(Model):
         self._example = example_input
         self._layout: Layout | None = None
         self._partition: Partition | None = None
+        self._removed_rngs: dict[str, tuple] = {}   # module -> its removed adapter's random stream
+        self._dense_order: tuple = (None, {})          # (dense layer paths, their call ranks)
         self.rng_prefix = rng_prefix
         self._layer_order = list(layer_order or ())
         self.canonical = canonical
@@ -242,6 +247,51 @@ class JaxModel(Model):
         self._module = append_head(self._module, name, head)
         self._layer_order = self.layers
         self._layout = None
+
+    # ---------------------------------------------------------------- adapters (see .lora)
+    def _lora_targets(self) -> list[LoraTarget]:
+        """Every ``nnx.Linear`` and ``CanonicalLinear`` outside the head, in forward order: by layer,
+        and inside a layer in the order one abstract run calls them (when an example input is known;
+        else definition order)."""
+        lay = self.layout
+        paths = [p for p, _ in dense_layers(self._module)]
+        key = tuple(paths)
+        if self._dense_order[0] != key:
+            order = call_rank(self._module, paths, self._example_input(), call,
+                              lambda m: set_modes(m, training=False))
+            self._dense_order = (key, order)
+        return lora_targets(self._module, lay.module_path, lay.layers, self._head, self._dense_order[1])
+
+    def _dense_at(self, module: str) -> nnx.Module:
+        path = self.layout.module_path.get(module)
+        if path is None:
+            raise UnsupportedModelError(f"no module {module!r} in this model")
+        return get_path(self._module, path)
+
+    def _add_lora(self, target: LoraTarget, scale: float, dropout: float, a: np.ndarray, b: np.ndarray) -> None:
+        """Adapt ``target`` (see :func:`.lora.add_lora`). An adapter with dropout put back on a module whose
+        adapter :meth:`_remove_lora` removed (``unmerge()``) gets its random stream back as it was, so the
+        restored state is the one before ``merge()`` bit for bit."""
+        layer = self._dense_at(target.module)
+        add_lora(layer, scale, dropout, a, b, seed=dropout_seed(target.module))
+        kept = self._removed_rngs.pop(target.module, None)
+        if kept is not None and dropout > 0:
+            set_rng_state(layer, kept)
+        self._structure_changed()
+
+    def _remove_lora(self, module: str) -> None:
+        layer = self._dense_at(module)
+        kept = rng_state(layer)
+        remove_lora(layer)
+        if kept is not None:
+            self._removed_rngs[module] = kept
+        self._structure_changed()
+
+    def _structure_changed(self) -> None:
+        """Variables were added or removed in place: the layout is read again (layer order kept)."""
+        self._layer_order = self.layers
+        self._layout = None
+        self._verified_structure = None
 
     def _output_shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple]:
         shapes: dict[str, tuple] = {}
