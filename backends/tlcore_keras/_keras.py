@@ -16,6 +16,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -65,7 +66,8 @@ Sequential = keras.Sequential
 
 __all__ = ["keras", "tf", "Functional", "Sequential", "InputLayer", "in_stateless_scope", "tracked_layers",
            "flatten_layers", "own_variables", "seed_generators", "graph_nodes", "run_through_graph",
-           "variable_index", "state_copy", "replace_tracked_layer", "call_takes_training"]
+           "variable_index", "state_copy", "replace_tracked_layer", "call_takes_training", "dense_kernel",
+           "unlocked_tracker", "untrack"]
 
 
 # ---------------------------------------------------------------------------- private Keras API
@@ -111,6 +113,29 @@ def variable_index(optimizer: keras.optimizers.Optimizer, variable) -> int:
 def call_takes_training(layer: keras.layers.Layer) -> bool:
     """True when the layer's ``call`` takes a ``training`` argument."""
     return bool(getattr(layer, "_call_has_training_arg", False))
+
+
+def dense_kernel(layer: keras.layers.Dense):
+    """A Dense layer's own kernel variable (its ``kernel`` property adds an enabled LoRA's delta)."""
+    return layer._kernel
+
+
+@contextlib.contextmanager
+def unlocked_tracker(layer: keras.layers.Layer):
+    """Lets a built layer (whose tracker Keras locks) take new variables or seed generators for a
+    while, as ``Dense.enable_lora`` does."""
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            layer._tracker.lock()
+
+
+def untrack(layer: keras.layers.Layer, value) -> None:
+    """Stop ``layer`` tracking ``value`` (e.g. a seed generator about to be deleted)."""
+    layer._tracker.untrack(value)
 
 
 def replace_tracked_layer(parent: keras.layers.Layer, old: keras.layers.Layer, new: keras.layers.Layer) -> int:

@@ -6,7 +6,9 @@ after their ``name`` too (``mha.query.kernel``); the body of a cut or re-headed 
 layer graph (``cut.Wrapper``) is left out, so the copy keeps the original's names. Kinds: ``BatchNormalization`` weights are
 ``bn_param`` (gamma, beta) and ``bn_stat`` (moving mean and variance); the states of
 ``SeedGenerator``s (Dropout and other random layers) are ``rng``; other weights created trainable
-are ``param``, the rest ``buffer``. Whether a weight was *created* trainable is read from the
+are ``param``, the rest ``buffer``. A Dense layer's LoRA variables (Keras' ``lora_kernel_a`` (in, rank),
+``lora_kernel_b`` (rank, out)) are always reported as ``lora_A`` (rank, in) and ``lora_B`` (out, rank),
+its adapter dropout's seed state as ``lora_dropout_seed`` (see ``lora.py``). Whether a weight was *created* trainable is read from the
 layer's own lists, so a weight frozen by tlcore (or a copy of a frozen layer) keeps its kind.
 
 Freezing is Keras' own ``trainable`` flag: frozen layers and weights get ``trainable=False``, and a
@@ -30,6 +32,7 @@ from tlcore.freeze import Resolved, TensorInfo, owning_layer
 
 from ._keras import keras, own_variables, seed_generators
 from .cut import children, roots
+from .lora import state_name as lora_state_name
 
 BATCHNORM = (keras.layers.BatchNormalization,)
 TRAINABLE_KINDS = ("param", "bn_param")
@@ -118,7 +121,11 @@ def tensors(model: keras.Model, cut_points: list[str], order: list | None = None
             if id(v) in seen:  # a variable shared by two layers is listed once, under the first
                 continue
             seen.add(id(v))
-            leaf, perm = canonical(layer, v.name) if canonical_at(path) else (v.name, None)
+            adapter = lora_state_name(layer, v)  # on every model, canonical or not
+            if adapter is not None:
+                leaf, perm = adapter
+            else:
+                leaf, perm = canonical(layer, v.name) if canonical_at(path) else (v.name, None)
             base = f"{path}.{leaf}" if path else leaf
             name, i = base, 1
             while name in names:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tlcore import data
+from tlcore.adapters import LoraTarget
 from tlcore.backend import Trainer
 from tlcore.cut import dropped_layers, in_layer, top_level
 from tlcore.errors import CutError, FreezePolicyError, UnsupportedModelError
@@ -24,7 +25,7 @@ from tlcore.head import HeadPlan
 from tlcore.model import FEATURE_BATCH, Model
 from tlcore.optim import TrainSpec
 
-from . import cut, freeze, shared
+from . import cut, freeze, lora, shared
 from ._keras import Sequential, keras, tf
 from .head import build_head, is_tlcore_head
 from .inputs import MASK_INPUT, ModelInputs, mask_of, signature, structure_key
@@ -165,6 +166,27 @@ class KerasModel(Model):
             raise FreezePolicyError(
                 f"Keras' trainable flags of {odd[:5]} were changed outside tlcore, so they no longer match "
                 "trainable_mask(); change what trains with model.freeze(tl.FreezePolicy...) instead")
+
+    # ---------------------------------------------------------------- LoRA adapters (lora.py)
+    def _lora_targets(self) -> list[LoraTarget]:
+        """Every Dense layer outside the head, in forward order (not EinsumDense, quantized Dense
+        or Dense with a kernel constraint); ``transposed`` where ``state()`` shows Keras' (in, out)."""
+        return lora.targets(self._tensors, freeze.named_layers(self._model, self._order), self._head)
+
+    def _add_lora(self, target: LoraTarget, scale: float, dropout: float, a: np.ndarray, b: np.ndarray) -> None:
+        lora.add_lora(cut.get_path(self._model, target.module), scale, dropout, a, b)
+        self._restructured()
+
+    def _remove_lora(self, module: str) -> None:
+        lora.remove_lora(cut.get_path(self._model, module))
+        self._restructured()
+
+    def _restructured(self) -> None:
+        """Variables were added or removed in place: list the tensors again and retrace every
+        compiled function (a traced one would still compute without them)."""
+        self._all = None
+        self._infos = None
+        self._fns.clear()
 
     # ---------------------------------------------------------------- running
     def _check_inputs(self, x: Any) -> None:
