@@ -42,3 +42,24 @@ def test_memory_benchmark_writes_a_row_per_source_and_size(tmp_path):
     assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows)
     table = (tmp_path / "memory.md").read_text()
     assert table.count(f"| {backend} |") == 2 and "feature cache" in table
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("subprocess")
+def test_lora_benchmark_writes_a_row_per_mode(tmp_path):
+    pytest.importorskip("peft")
+    if "torch" not in selected_backends():
+        pytest.skip("the quick LoRA benchmark runs on torch")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--quick", "--backends", "torch", "--out",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "lora.json").read_text())["rows"]}
+    assert set(rows) == {"lora", "full", "frozen_head"}
+    for r in rows.values():
+        assert r["backend"] == "torch" and "native_error" not in r and "tlcore_error" not in r
+        assert r["tlcore_ms"] > 0 and r["native_ms"] > 0 and r["ratio"] > 0
+        assert r["tlcore_trainable_params"] == r["native_trainable_params"] > 0
+    for impl in ("tlcore", "native"):
+        assert 0 < rows["lora"][f"{impl}_optimizer_state_bytes"] < rows["full"][f"{impl}_optimizer_state_bytes"]
+    table = (tmp_path / "lora.md").read_text()
+    assert table.count("| torch |") == 3 and "PEFT" in table
