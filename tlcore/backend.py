@@ -12,7 +12,7 @@ called by a core code path, so none is optional. Three hooks have a default a ba
 Example:
     >>> from tlcore.backend import Backend, ModelPrimitives, Trainer
     >>> sorted(ModelPrimitives.__abstractmethods__)[:4]
-    ['_apply_freeze', '_attach_head', '_attach_native_head', '_cut']
+    ['_add_lora', '_apply_freeze', '_attach_head', '_attach_native_head']
 """
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-
-from .errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from .adapters import LoraTarget
@@ -285,24 +283,25 @@ class ModelPrimitives(abc.ABC):
         Raise :class:`tlcore.UnsupportedModelError` for an object of another framework."""
 
     # ---- adapters (tlcore.adapters)
+    @abc.abstractmethod
     def _lora_targets(self) -> list[LoraTarget]:
         """Every dense layer (``nn.Linear``, Keras ``Dense``, ``nnx.Linear``) outside the head, in
         forward order, as :class:`tlcore.adapters.LoraTarget` records; adapted or not."""
-        raise UnsupportedModelError(f"the {self.backend} backend has no LoRA adapters yet")
 
+    @abc.abstractmethod
     def _add_lora(self, target: LoraTarget, scale: float, dropout: float, a: np.ndarray, b: np.ndarray) -> None:
         """Adapt ``target`` in place: its output (before any activation of its own) becomes
         ``base(x) + scale * drop(x) @ a.T @ b.T``, ``drop`` a dropout of rate ``dropout`` on the
         adapter's input, active only while training. ``a`` (rank, in) and ``b`` (out, rank), float32,
         become trainable tensors ``<module>.lora_A`` / ``<module>.lora_B`` of ``state()`` in these
         layouts (kind ``param``, owned by the layer that owns the kernel); the core resets its tensor
-        list and applies the freeze policy after. A copy made by :meth:`_cut` keeps the adapters."""
-        raise UnsupportedModelError(f"the {self.backend} backend has no LoRA adapters yet")
+        list and applies the freeze policy after. A copy made by :meth:`_cut` keeps the adapters.
+        Random state of the dropout may be further ``<module>.lora_*`` tensors (kind ``rng``)."""
 
+    @abc.abstractmethod
     def _remove_lora(self, module: str) -> None:
         """Undo :meth:`_add_lora` on ``module`` in place: it computes ``base(x)`` again and its adapter
         tensors leave ``state()``."""
-        raise UnsupportedModelError(f"the {self.backend} backend has no LoRA adapters yet")
 
     @abc.abstractmethod
     def _attach_head(self, plan: HeadPlan, name: str, values: dict[str, np.ndarray]) -> None:
