@@ -1000,6 +1000,10 @@ class Model(ModelPrimitives):
             rows.append((self._pending.name, "Head", "(built on first batch)", "?", "yes"))
             note = (f"The head {self._pending.name!r} is not built yet: its parameters are not counted "
                     "(call build(x) or summary(input_shape=...)).")
+        if self.adapter is not None:
+            lora = sum(sizes[n] for n in self._adapter.tensor_names())
+            note = "\n".join(x for x in (note, f"LoRA adapters: rank {self.adapter.rank}, scale {self.adapter.scale:g}, on "
+                                              f"{len(self.adapter.targets)} dense layers ({lora:,} params, trainable)") if x)
         trainable, total = self._param_counts()
         buffers = sum(sizes[t.name] for t in infos if t.kind in ("bn_stat", "buffer"))
         return Summary(rows, total, trainable, total - trainable, buffers, note=note,

@@ -62,6 +62,9 @@ def check_lora_starts_at_the_base_outputs(backend):
         assert not state[f"{m}.lora_B"].any() and state[f"{m}.lora_A"].any()
     assert {n for n, t in mask.items() if t} == {*lora_names(ft), "head.out.weight", "head.out.bias"}
     assert tl.changed_tensors(plain.state(), {k: v for k, v in state.items() if ".lora_" not in k}) == {}
+    lora_params = sum(state[n].size for n in lora_names(ft))
+    assert f"on 8 dense layers ({lora_params:,} params, trainable)" in str(ft.summary())
+    assert ft.count_params()[0] == lora_params + plain.count_params()[0]
     # negative control: nonzero B moves the outputs
     ft.load_state({f"{ADAPTED[0]}.lora_B": np.full_like(state[f"{ADAPTED[0]}.lora_B"], 0.1)}, strict=False)
     assert not np.allclose(ft.predict(x), plain.predict(x))
