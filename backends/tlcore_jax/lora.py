@@ -197,27 +197,6 @@ def remove_lora(layer: nnx.Module) -> None:
     object.__setattr__(layer, "__class__", type(layer)._lora_base)
 
 
-def rng_state(layer: nnx.Module) -> tuple[jax.Array, jax.Array] | None:
-    """``(key, count)`` of an adapted ``layer``'s dropout stream, None without dropout.
-
-    Example:
-        >>> rng_state(CanonicalLinear(4, 2)) is None
-        True
-    """
-    rng = vars(layer).get("lora_rng")
-    return None if rng is None else (rng.key.get_value(), rng.count.get_value())
-
-
-def set_rng_state(layer: nnx.Module, state: tuple[jax.Array, jax.Array]) -> None:
-    """Set an adapted ``layer``'s dropout stream to ``state`` (as :func:`rng_state` gave it).
-
-    Example:
-        >>> set_rng_state(layer, rng_state(other))   # doctest: +SKIP
-    """
-    layer.lora_rng.key.set_value(state[0])
-    layer.lora_rng.count.set_value(state[1])
-
-
 def dense_layers(module: nnx.Module) -> list[tuple[Path, nnx.Module]]:
     """``(native path, layer)`` of every dense layer (:data:`DENSE`) below ``module``, each once
     (a shared layer at its first path), in definition order as far as the module's attributes keep

@@ -34,8 +34,7 @@ from .freeze import Layout, Partition, layout, partition, set_modes, stochastic_
 from .head import build_head
 from .inputs import abstract, call, check_call
 from .layers import CanonicalConv, CanonicalLinear, HeadModule
-from .lora import (add_lora, call_rank, dense_layers, dropout_seed, lora_targets, remove_lora, rng_state,
-                   set_rng_state)
+from .lora import add_lora, call_rank, dense_layers, dropout_seed, lora_targets, remove_lora
 from .train import JaxTrainer, _infer, infer_batches
 
 log = logging.getLogger("tlcore")
@@ -104,7 +103,6 @@ class JaxModel(Model):
         self._example = example_input
         self._layout: Layout | None = None
         self._partition: Partition | None = None
-        self._removed_rngs: dict[str, tuple] = {}   # module -> its removed adapter's random stream
         self._dense_order: tuple = (None, {})          # (dense layer paths, their call ranks)
         self.rng_prefix = rng_prefix
         self._layer_order = list(layer_order or ())
@@ -269,22 +267,13 @@ class JaxModel(Model):
         return get_path(self._module, path)
 
     def _add_lora(self, target: LoraTarget, scale: float, dropout: float, a: np.ndarray, b: np.ndarray) -> None:
-        """Adapt ``target`` (see :func:`.lora.add_lora`). An adapter with dropout put back on a module whose
-        adapter :meth:`_remove_lora` removed (``unmerge()``) gets its random stream back as it was, so the
-        restored state is the one before ``merge()`` bit for bit."""
-        layer = self._dense_at(target.module)
-        add_lora(layer, scale, dropout, a, b, seed=dropout_seed(target.module))
-        kept = self._removed_rngs.pop(target.module, None)
-        if kept is not None and dropout > 0:
-            set_rng_state(layer, kept)
+        """Adapt ``target`` (see :func:`.lora.add_lora`); with dropout, its random stream is the state
+        tensors ``<module>.lora_rng.key`` / ``.count``."""
+        add_lora(self._dense_at(target.module), scale, dropout, a, b, seed=dropout_seed(target.module))
         self._structure_changed()
 
     def _remove_lora(self, module: str) -> None:
-        layer = self._dense_at(module)
-        kept = rng_state(layer)
-        remove_lora(layer)
-        if kept is not None:
-            self._removed_rngs[module] = kept
+        remove_lora(self._dense_at(module))
         self._structure_changed()
 
     def _structure_changed(self) -> None:
