@@ -29,11 +29,13 @@ _EXPORTS = {
     "available_backends": "registry", "get_backend": "registry",
     "LayerGroups": "groups", "LayerDecay": "groups", "Discriminative": "groups",
     "UnfreezeSchedule": "recipes", "Adapter": "adapters", "load_adapter": "adapters", "AdapterError": "errors",
+    "DistributedError": "errors",
 }
 _SUBMODULES = ("optim", "zoo", "testing", "datasets", "checkpoint", "data", "losses", "metrics", "sources",
-               "schedules", "callbacks", "recipes", "adapters")
+               "schedules", "callbacks", "recipes", "adapters", "distribute")
 
-__all__ = sorted([*_EXPORTS, "callbacks", "data", "losses", "metrics", "optim", "recipes", "schedules", "zoo"])
+__all__ = sorted([*_EXPORTS, "callbacks", "data", "distribute", "losses", "metrics", "optim", "recipes", "schedules",
+                  "zoo"])
 
 
 def __getattr__(name: str) -> Any:
@@ -52,11 +54,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import callbacks, data, losses, metrics, optim, recipes, schedules, zoo  # noqa: F401
+    from . import callbacks, data, distribute, losses, metrics, optim, recipes, schedules, zoo  # noqa: F401
     from .groups import Discriminative, LayerDecay, LayerGroups  # noqa: F401
     from .recipes import UnfreezeSchedule  # noqa: F401
     from .adapters import Adapter, load_adapter  # noqa: F401
-    from .errors import AdapterError  # noqa: F401
+    from .errors import AdapterError, DistributedError  # noqa: F401
     from .check import Snapshot, assert_frozen, changed_tensors, snapshot  # noqa: F401
     from .cut import LayerCut  # noqa: F401
     from .errors import (BackendNotFoundError, CheckpointError, CutError, DataError,  # noqa: F401

@@ -22,8 +22,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from .errors import DistributedError
+
 if TYPE_CHECKING:
     from .adapters import LoraTarget
+    from .distribute import Replicas
     from .freeze import Resolved, TensorInfo
     from .head import HeadPlan
     from .model import Model
@@ -281,6 +284,21 @@ class ModelPrimitives(abc.ABC):
         """Append the user's own head module (an ``nn.Module``, a Keras layer or model, an NNX module)
         as layer ``name``, in place; it takes this model's output as it is (no pooling) and trains.
         Raise :class:`tlcore.UnsupportedModelError` for an object of another framework."""
+
+    # ---- data parallel (tlcore.distribute)
+    def _replicas(self, strategy: Any) -> Replicas:
+        """The replicas ``strategy`` (a ``tl.distribute`` spec) runs on here, checked before training:
+        raise :class:`tlcore.DistributedError` naming what is missing (no process group outside
+        ``torchrun``, fewer devices than asked) or a strategy this backend cannot run. When the count
+        is above 1, the core passes the strategy in ``TrainSpec.strategy``: :meth:`_make_trainer`
+        then builds a step on the framework's own engine that trains on each replica's shard of the
+        global batch and returns the outputs of the whole global batch (identical on every process),
+        and :meth:`_features` computes each replica's shard. Default: one replica only."""
+        from .distribute import Replicas
+
+        if getattr(strategy, "devices", None) not in (None, 1):
+            raise DistributedError(f"the {self.backend} backend cannot run {strategy!r}")
+        return Replicas(1, 0)
 
     # ---- adapters (tlcore.adapters)
     @abc.abstractmethod

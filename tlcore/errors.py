@@ -87,6 +87,10 @@ class FitInProgressError(TlcoreError, RuntimeError):
     """``fit`` was called on a model that another thread is training."""
 
 
+class DistributedError(TlcoreError, RuntimeError):
+    """A data-parallel strategy this backend or process cannot run (see ``tl.distribute``)."""
+
+
 class AdapterError(TlcoreError, ValueError):
     """A LoRA adapter spec, target or file that does not fit (see ``tl.Adapter``)."""
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from . import data, groups, losses, sources, training
+from . import data, distribute, groups, losses, sources, training
 from .backend import ModelPrimitives, Trainer
 from .callbacks import Callback, check_callbacks
 from .cut import in_layer
@@ -265,6 +265,7 @@ class Model(ModelPrimitives):
         self._resume_point: Any = None  # a saved run to continue (set by tl.resume)
         self._is_head_view = False
         self._adapter: AdapterState | None = None  # LoRA adapters (tlcore.adapters)
+        self._rank = 0  # this process's replica under a data-parallel strategy (tlcore.distribute)
         self._busy = threading.Lock()
         self.freeze(policy or FreezePolicy.none())
 
@@ -589,7 +590,7 @@ class Model(ModelPrimitives):
             sample_weight: Any = None, class_weight: Any = None, steps_per_epoch: int | None = None,
             freeze: FreezePolicy | UnfreezeSchedule | None = None, callbacks: Sequence[Callback] = (),
             reset: bool = False, on_nonfinite: str = "raise", checkpoint_dir: str | os.PathLike | None = None,
-            checkpoint_every: int | str | None = None, resume: bool | str = "auto") -> History:
+            checkpoint_every: int | str | None = None, resume: bool | str = "auto", strategy: Any = None) -> History:
         """Train the trainable tensors; frozen ones stay bit-identical.
 
         A ``fit`` continues where the last one stopped (as Keras' ``fit`` does): the optimizer state,
@@ -639,6 +640,9 @@ class Model(ModelPrimitives):
             resume: ``"auto"``: a model from ``tl.resume`` continues its run, after checking that the
                 data, optimizer and recipe are the saved ones; ``"force"``: continue even if they differ;
                 ``False``: start afresh (overwriting ``checkpoint_dir``'s state).
+            strategy: ``tl.distribute.DataParallel()``: train on the framework's own data-parallel
+                engine (``batch_size`` is the global batch); under ``torchrun`` only rank 0 shows
+                progress and writes checkpoints, and ``History`` is the same on every rank.
 
         Example:
             >>> hist = ft.fit(x, y, epochs=2, optimizer=tl.optim.SGD(lr=0.1, momentum=0.9))  # doctest: +SKIP
@@ -664,8 +668,12 @@ class Model(ModelPrimitives):
             raise data.DataError(f"cache_features must be 'auto', True or False, got {cache_features!r}")
         if freeze is not None and not isinstance(freeze, (FreezePolicy, UnfreezeSchedule)):
             raise TypeError(f"freeze takes a tl.FreezePolicy or a tl.UnfreezeSchedule, got {type(freeze).__name__}")
+        replicas = self._strategy_replicas(strategy)
         source = self._source(x, y, sample_weight, spec_loss, batch_size=batch_size, shuffle=shuffle,
                               steps_per_epoch=steps_per_epoch)
+        if replicas.count > 1:
+            distribute.check_batches(batch_size, replicas.count, source.n if isinstance(source, sources.Arrays) else None)
+            mode = mode if replicas.rank == 0 else training.resolve_progress(False)
         if getattr(source, "once", False) and epochs > 1 and steps_per_epoch is None:
             raise data.DataError("a generator can be read only once, but fit asks for several epochs: pass a "
                                  "generator function (called once per epoch), or steps_per_epoch=... to read it on")
@@ -686,7 +694,8 @@ class Model(ModelPrimitives):
         if checkpoint_every is not None and checkpoint_dir is None:
             raise CheckpointError("checkpoint_every needs checkpoint_dir=<folder> to write to")
         spec = TrainSpec(optimizer, spec_loss, None if clip_grad_norm is None else float(clip_grad_norm), seed,
-                         precision, plan, guard=on_nonfinite != "ignore")
+                         precision, plan, guard=on_nonfinite != "ignore",
+                         strategy=strategy if replicas.count > 1 else None)
         point = self._continue_from(source, spec, resume, reset, checkpoint_dir, checkpoint_every, batch_size=batch_size,
                                     shuffle=shuffle, freeze=freeze, metrics=names, cache_features=cache_features,
                                     steps_per_epoch=steps_per_epoch)
@@ -702,6 +711,15 @@ class Model(ModelPrimitives):
         if point is not None:
             self._resume_point = None
         return self._train(source, val, run, stages, callbacks, cache_features, reset, saver, point)
+
+    def _strategy_replicas(self, strategy: Any) -> distribute.Replicas:
+        if strategy is None:
+            return distribute.Replicas(1, 0)
+        if not isinstance(strategy, distribute.DataParallel):
+            raise TypeError(f"strategy takes a tl.distribute.DataParallel(), got {type(strategy).__name__}")
+        replicas = self._replicas(strategy)
+        self._rank = replicas.rank
+        return replicas
 
     def _continue_from(self, source: sources.Source, spec: TrainSpec, resume: bool | str, reset: bool,
                        folder: Any, every: Any, **recipe: Any) -> tuple[Any, Any]:
@@ -803,6 +821,8 @@ class Model(ModelPrimitives):
         interrupt = training.DeferredInterrupt()
 
         def save(epoch: int, batch: int, rng: dict, acc: Accumulator | None, applied: list[float]) -> None:
+            if run.spec.strategy is not None and self._rank != 0:
+                return  # under torchrun, rank 0 writes the run's state
             saver.save(self, state.optimizer_state(self._head), epoch=epoch, batch=batch,
                        step=state.step + len(applied), seed=state.seed, rng=rng, history=_rows(hist),
                        info={"lr_steps": lr_steps + applied, "steps": steps + len(applied), **(

@@ -23,7 +23,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -216,6 +216,8 @@ class TrainSpec:
     #: (``Trainer.nonfinite`` names it); False: PyTorch's plain behaviour (NaN goes into the weights)
     guard: bool = True
     extras: tuple = field(default=())
+    #: a ``tl.distribute`` strategy over more than one replica (None: one device)
+    strategy: Any = None
 
     def rates(self) -> dict[str, tuple[float, float]]:
         """``{parameter: (lr multiplier, weight decay)}``; empty when every parameter has (1, the

@@ -1,0 +1,72 @@
+"""Data-parallel fine-tuning on each framework's own engine: ``fit(..., strategy=tl.distribute.DataParallel())``.
+
+Each backend runs its framework's data parallelism: PyTorch's ``DistributedDataParallel`` in the
+processes ``torchrun`` starts (each process reads its shard of every global batch), a sharded ``jit``
+over JAX's devices (a 1-D mesh, the batch split, parameters and optimizer state replicated), and
+TensorFlow's ``MirroredStrategy`` over the visible devices on Keras. ``batch_size`` is the global
+batch; the loss is the global batch's (weighted) mean, so training equals the single-device run up to
+the order of floating-point sums. Frozen tensors are never synchronised nor updated. With one device
+(or one process) the fit is exactly the single-device one.
+
+Example:
+    >>> import tlcore as tl
+    >>> tl.distribute.DataParallel()
+    DataParallel(devices=None)
+    >>> tl.distribute.check_batches(64, 2, rows=1000)
+    >>> tl.distribute.check_batches(63, 2)
+    Traceback (most recent call last):
+    ...
+    tlcore.errors.DataError: batch_size 63 does not split over 2 replicas; use a multiple of 2 (e.g. 64)
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .errors import DataError, DistributedError, short_repr
+
+__all__ = ["DataParallel", "DistributedError", "Replicas", "check_batches"]
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Replicate the model, split every global batch over the replicas, average the gradients.
+
+    ``devices``: how many local devices to use (JAX and TensorFlow; default all visible ones). Under
+    ``torchrun`` the replicas are its processes and ``devices`` must be None.
+    """
+
+    devices: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, numbers.Integral)
+                                         or not 1 <= self.devices <= 4096):
+            raise DistributedError(f"DataParallel(devices=...) takes None or a device count from 1 to 4096, got "
+                                   f"{short_repr(self.devices)}")
+
+
+class Replicas(NamedTuple):
+    """How many replicas a strategy runs on (``count``) and which one this process is (``rank``: the
+    process's rank under torchrun; 0 where one process drives every device)."""
+
+    count: int
+    rank: int = 0
+
+
+def check_batches(batch_size: int, count: int, rows: int | None = None) -> None:
+    """Refuse a global batch (or the last, shorter batch of ``rows`` samples) that ``count`` replicas
+    cannot split evenly.
+
+    Raises:
+        DataError: naming the batch and sizes that would split.
+    """
+    if batch_size % count:
+        good = -(-batch_size // count) * count
+        raise DataError(f"batch_size {batch_size} does not split over {count} replicas; use a multiple of {count} "
+                        f"(e.g. {good})")
+    last = rows % batch_size if rows else 0
+    if last % count:
+        raise DataError(f"the last batch of an epoch has {last} of the {rows} samples, which does not split over "
+                        f"{count} replicas; use {rows - last} samples, or a batch_size that divides {rows} into "
+                        f"batches of multiples of {count}")
