@@ -2,6 +2,7 @@
 
     python -m benchmarks                 # all installed backends, cnn + resnet18 + vit_tiny (+ a small BERT on torch)
     python -m benchmarks --quick         # a tiny run for CI: checks that everything runs
+    python -m benchmarks --distributed   # data parallel, 1 vs 2 replicas (benchmarks/distributed.py)
     tlcore bench --backends torch,jax
 
 Every backend runs in its own process; tlcore and the hand-written loop are measured side by side,
@@ -47,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh-repeats", type=int, default=3, help="new processes per end-to-end fine-tune and side")
     p.add_argument("--quick", action="store_true", help="tiny run (cnn, 1 repeat, 2 steps) that only checks it runs")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--distributed", action="store_true",
+                   help="only the data-parallel rows (1 vs 2 replicas; see benchmarks/distributed.py)")
     args = p.parse_args(argv)
+    if args.distributed:
+        from .distributed import main as distributed
+
+        return distributed(["--backends", args.backends, "--repeats", str(args.repeats), "--steps", str(args.steps),
+                            "--out", args.out] + (["--quick"] if args.quick else []))
     if args.quick:
         args.workloads, args.repeats, args.steps, args.epochs, args.fresh_repeats = "cnn", 1, 2, 2, 1
     out = Path(args.out)

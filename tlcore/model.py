@@ -266,6 +266,9 @@ class Model(ModelPrimitives):
         self._is_head_view = False
         self._adapter: AdapterState | None = None  # LoRA adapters (tlcore.adapters)
         self._rank = 0  # this process's replica under a data-parallel strategy (tlcore.distribute)
+        #: the strategy of the running fit when it runs on several replicas (``_features`` then
+        #: computes each replica's shard); None otherwise
+        self._strategy: Any = None
         self._busy = threading.Lock()
         self.freeze(policy or FreezePolicy.none())
 
@@ -710,7 +713,11 @@ class Model(ModelPrimitives):
         saver, point = point
         if point is not None:
             self._resume_point = None
-        return self._train(source, val, run, stages, callbacks, cache_features, reset, saver, point)
+        self._strategy = spec.strategy
+        try:
+            return self._train(source, val, run, stages, callbacks, cache_features, reset, saver, point)
+        finally:
+            self._strategy = None
 
     def _strategy_replicas(self, strategy: Any) -> distribute.Replicas:
         if strategy is None:

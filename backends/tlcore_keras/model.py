@@ -25,7 +25,7 @@ from tlcore.head import HeadPlan
 from tlcore.model import FEATURE_BATCH, Model
 from tlcore.optim import TrainSpec
 
-from . import cut, freeze, lora, shared
+from . import cut, distributed, freeze, lora, shared
 from ._keras import Sequential, keras, tf
 from .head import build_head, is_tlcore_head
 from .inputs import MASK_INPUT, ModelInputs, mask_of, signature, structure_key
@@ -226,6 +226,12 @@ class KerasModel(Model):
         model, inputs = self._model, self._to_inputs(x)
         return self._compiled("forward", lambda t: model(t, training=False), inputs)(inputs).numpy()
 
+    def _replicas(self, strategy: Any):
+        """``tl.distribute.DataParallel(devices=k)``: ``k`` (default: all) of the visible logical
+        devices, the GPUs or else the CPUs, under a ``tf.distribute.MirroredStrategy`` (see
+        :mod:`.distributed`); more than TensorFlow sees raises :class:`tlcore.DistributedError`."""
+        return distributed.replicas(strategy)
+
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
         """A compiled step for ``spec`` and the current trainable set (the core drops it as soon as the
         policy changes what trains, so a stale step, keras#6405, is never run); not started (the core
@@ -234,6 +240,11 @@ class KerasModel(Model):
         mask = self._resolved.mask
         tensors = [t for t in self._tensors if t.info.kind in freeze.TRAINABLE_KINDS and mask[t.name]]
         rngs = [(self._rng_prefix + t.name, t.variable) for t in self._tensors if t.info.kind == "rng"]
+        if spec.strategy is not None:  # data parallel (the core passes it with several replicas only)
+            frozen = {id(t.variable) for t in self._tensors
+                      if not mask[t.name] and t.info.kind in freeze.TRAINABLE_KINDS}
+            return distributed.MirroredTrainer(self._model, tensors, frozen, rngs, spec, self._to_inputs,
+                                               prefix=self._rng_prefix)
         if self._shared_key is not None and tensors and spec.precision != "float16":  # float16 scales its loss
             return SharedStepTrainer(self._model, tensors, rngs, spec, self._shared_key, self._rng_prefix)
         return KerasTrainer(self._model, tensors, rngs, spec, self._to_inputs, prefix=self._rng_prefix)
@@ -364,6 +375,10 @@ class KerasModel(Model):
 
     def _batched_features(self, x: Any, batch_size: int = FEATURE_BATCH) -> np.ndarray:
         fn, variables = self._feature_function(self._to_inputs(data.take(x, slice(0, 1))))
+        if self._strategy is not None:  # in a data-parallel fit: each replica computes its shard
+            chunks = [self._to_inputs(data.take(x, slice(i, i + batch_size)))
+                      for i in range(0, data.num_samples(x), batch_size)]
+            return distributed.features(distributed.strategy_for(self._strategy), fn, variables, chunks)
         values = [tf.convert_to_tensor(v) for v in variables]  # read once for all chunks
         return np.concatenate([fn(self._to_inputs(data.take(x, slice(i, i + batch_size))), values).numpy()
                                for i in range(0, data.num_samples(x), batch_size)])

@@ -1,0 +1,380 @@
+"""Data parallel on Keras: ``fit(..., strategy=tl.distribute.DataParallel())`` runs the training step
+under TensorFlow's ``tf.distribute.MirroredStrategy`` over the visible devices (the GPUs, else the
+logical CPU devices).
+
+How. ``MirroredStrategy`` mirrors the variables created under its ``scope()``, but tlcore wraps models
+the user already built. So the step is pure, as :class:`~tlcore_keras.train.SharedStepTrainer`'s:
+:class:`MirroredTrainer` keeps on every replica's device its own copy of the trainable weights, the
+other variables (BatchNorm statistics, frozen weights, seed states) and the optimizer slots, as
+per-replica tensors; one ``tf.function`` runs ``strategy.run`` of a replica step that calls the model
+with Keras' ``stateless_call`` on the replica's copies and its shard of the global batch (replica
+``i`` takes rows ``[i * n / k, (i + 1) * n / k)``), and returns the new copies. The model's variables
+are read when a run starts or resumes and written back (from replica 0) by :meth:`finish`.
+
+Loss and gradients. Each replica differentiates ``sum_shard w * l / D`` with ``D = sum_global w * d``
+(all-reduced, see ``tlcore.backend.Trainer.step``; the global batch size without weights), so the
+all-reduced sum of the replicas' gradients is the gradient of the global batch's weighted mean, the
+single-device step's up to the order of the sums. Regularisation losses of the layers count once
+(each replica adds ``1 / k`` of them). Clipping, the non-finite guard (on the global loss and the
+all-reduced gradients) and the update (the optimizer's :meth:`~tlcore_keras.train.TorchRuleOptimizer.rule`,
+PyTorch's, the single-device trainers') then run on every replica on identical values, so the
+replicas' copies stay identical (checked by the tests, per replica) without a broadcast.
+
+State the forward pass writes. A frozen layer (BatchNorm in inference mode, frozen weights) writes
+nothing: its tensors are never synchronised nor updated, and the step passes its input copies through
+unchanged. A BatchNorm that trains normalises by its replica's shard (as ``MirroredStrategy`` does with
+Keras' ``BatchNormalization``; ``BatchNormalization(synchronized=True)`` all-reduces the batch
+statistics instead) and its moving statistics are averaged over the replicas after each step (Keras'
+``aggregation="mean"``). A random layer draws on replica ``i`` from its seed state with the seed
+XOR-ed with ``i * 0x9E3779B`` (replica 0 draws as one device does), so shards get independent masks.
+
+Precision: ``"float32"`` and ``"bfloat16"``; ``"float16"`` (Keras' dynamic loss scaling) raises
+:class:`tlcore.DistributedError`.
+
+Feature caching: :func:`features` computes every chunk's features with each replica on its shard.
+
+Example:
+    >>> hist = ft.fit(x, y, batch_size=64, strategy=tl.distribute.DataParallel())   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tlcore.backend import Trainer
+from tlcore.distribute import DataParallel, Replicas
+from tlcore.errors import DistributedError
+from tlcore.optim import TrainSpec
+
+from ._keras import keras, tf
+from .inputs import structure_key
+from .train import (FLAG_OK, build_optimizer, clip_by_global_norm, dense, flag_name, guard_flag,
+                    mixed_precision, param_rates, per_sample_loss, precision_errors, seed_rngs,
+                    written_variables, _from_state, _to_state)
+
+__all__ = ["visible_devices", "replicas", "strategy_for", "MirroredTrainer", "features"]
+
+#: XOR-ed into a seed state's seed on replica ``i`` (times ``i``): independent masks per shard
+RNG_SALT = 0x9E3779B
+
+
+def visible_devices() -> list[str]:
+    """The logical devices TensorFlow runs a ``MirroredStrategy`` on: the GPUs, else the CPUs."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+
+
+def replicas(strategy: DataParallel) -> Replicas:
+    """The replicas ``strategy`` runs on here: ``devices`` (default: every visible device).
+
+    Raises:
+        DistributedError: more devices asked for than TensorFlow sees.
+    """
+    devices = visible_devices()
+    count = len(devices) if strategy.devices is None else strategy.devices
+    if count > len(devices):
+        kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+        raise DistributedError(
+            f"{strategy!r} asks for {count} devices, but TensorFlow sees {len(devices)} {kind} device(s) "
+            f"({', '.join(devices)}); use DataParallel(devices={len(devices)}) or fewer, or make more visible: "
+            "split a device into logical ones with tf.config.set_logical_device_configuration(...) before "
+            "TensorFlow initialises (before anything runs on it), e.g. 2 logical CPU devices for a test")
+    return Replicas(count, 0)
+
+
+_STRATEGIES: dict[tuple, Any] = {}
+
+#: collective group keys of tlcore's strategies start here (and 1000 apart), see :func:`strategy_for`
+KEY_BASE = 1 << 20
+
+
+def strategy_for(strategy: DataParallel) -> tf.distribute.MirroredStrategy:
+    """The ``MirroredStrategy`` over the first ``count`` visible devices (one per device set and
+    process).
+
+    Every ``MirroredStrategy`` numbers its collective operations (all-reduces) from the same keys, so
+    two strategies on the same devices in one process, one of them the user's, would run collectives
+    under the same keys and fail ("Shape mismatch in the collective instance"). tlcore's strategies
+    take their keys from :data:`KEY_BASE` on instead (``_collective_key_base``, TensorFlow's own
+    setting for that, read when the strategy is made)."""
+    devices = tuple(visible_devices()[:replicas(strategy).count])
+    if devices not in _STRATEGIES:
+        keyed = type("TlcoreMirroredStrategy", (tf.distribute.MirroredStrategy,),
+                     {"_collective_key_base": KEY_BASE + 1000 * len(_STRATEGIES)})
+        _STRATEGIES[devices] = keyed(devices=list(devices))
+    return _STRATEGIES[devices]
+
+
+def broadcast(strategy: tf.distribute.Strategy, structure: Any) -> Any:
+    """``structure`` (tensors, nested) copied to every replica's device, as per-replica values."""
+    devices = strategy.extended.worker_devices
+
+    def copy(ctx):
+        with tf.device(devices[ctx.replica_id_in_sync_group]):
+            return tf.nest.map_structure(tf.identity, structure)
+    return strategy.experimental_distribute_values_from_function(copy)
+
+
+def shard(strategy: tf.distribute.Strategy, structure: Any) -> Any:
+    """Each replica's rows of the numpy batch ``structure`` (nested arrays, None kept), per replica:
+    replica ``i`` takes rows ``[i * n / k, (i + 1) * n / k)`` (``n`` divisible by ``k``)."""
+    devices, k = strategy.extended.worker_devices, strategy.num_replicas_in_sync
+
+    def rows(ctx):
+        i = ctx.replica_id_in_sync_group
+        with tf.device(devices[i]):
+            return tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[i * (len(a) // k):(i + 1) * (len(a) // k)]),
+                                         structure)
+    return strategy.experimental_distribute_values_from_function(rows)
+
+
+def local(strategy: tf.distribute.Strategy, structure: Any) -> list:
+    """Every replica's value of the per-replica ``structure``, in replica order."""
+    k = strategy.num_replicas_in_sync
+    flat = [strategy.experimental_local_results(v) for v in tf.nest.flatten(structure)]
+    return [tf.nest.pack_sequence_as(structure, [f[i] for f in flat]) for i in range(k)]
+
+
+class MirroredTrainer(Trainer):
+    """The data-parallel training step (see the module's docstring).
+
+    Args:
+        model: the native ``keras.Model`` (called with ``stateless_call``).
+        tensors: the trainable tensors (``freeze.Tensor``), named for the optimizer state.
+        frozen: ids of the variables that must never be written (frozen weights), even by a layer
+            that trains.
+        rng_vars: ``(key, seed state)`` of the random layers.
+        spec: the training spec (``spec.strategy``: the ``DataParallel`` it runs).
+        to_inputs: a numpy batch as the model is called.
+        prefix: prepended to the tensor names to look up their rates.
+    """
+
+    def __init__(self, model: keras.Model, tensors: list, frozen: set, rng_vars: list, spec: TrainSpec,
+                 to_inputs: Callable[[Any], Any] = lambda x: x, prefix: str = ""):
+        if spec.precision == "float16":
+            raise DistributedError("precision='float16' (Keras' dynamic loss scaling) does not run under "
+                                   "DataParallel on the keras backend; use precision='bfloat16' or 'float32'")
+        self.model, self.spec, self.rng_vars, self.to_inputs = model, spec, rng_vars, to_inputs
+        self.strategy = strategy_for(spec.strategy)
+        self.count = self.strategy.num_replicas_in_sync
+        self._trainable = list(model.trainable_variables)  # stateless_call's order
+        self._non_trainable = list(model.non_trainable_variables)
+        by_id = {id(t.variable): t for t in tensors}
+        self.tensors = [by_id[id(v)] for v in self._trainable]
+        index = {id(v): i for i, v in enumerate(self._non_trainable)}
+        rng_ids = {id(v) for _, v in rng_vars}
+        written = [v for v in written_variables(model, rng_vars, self._trainable) if id(v) in index]
+        #: indices (in ``non_trainable_variables``) of the state averaged over the replicas after a
+        #: step (a training BatchNorm's moving statistics) and of the random layers' seed states
+        self.synced = [index[id(v)] for v in written if id(v) not in rng_ids and id(v) not in frozen]
+        self.seeded = [index[id(v)] for v in written if id(v) in rng_ids]
+        rates = param_rates(spec, [t.name for t in self.tensors], prefix)
+        self.optimizer = build_optimizer(spec.optimizer, spec.clip_grad_norm, rates)  # its rule; holds no state
+        self._lr = float(spec.optimizer.schedule.lr_at(0))
+        self._fns: dict[tuple, Any] = {}
+        self._traces = 0
+        self._start(zero=True)
+
+    # ---------------------------------------------------------------- state
+    def _start(self, zero: bool) -> None:
+        """Copy the model's values to every replica; with ``zero``, zero optimizer state too."""
+        weights = [tf.convert_to_tensor(v) for v in self._trainable]
+        states = [tf.convert_to_tensor(v) for v in self._non_trainable]
+        self.weights, self.states = broadcast(self.strategy, (weights, states))
+        if zero:
+            self.slots = broadcast(self.strategy, [{n: tf.zeros_like(w) for n in self.optimizer.slot_names()}
+                                                   for w in weights])
+            self.iteration = tf.constant(0, tf.int64)
+            self.offsets = tf.zeros((len(weights),), tf.int64)
+            self._same_steps = True
+            self.group_lr = tf.constant(np.asarray(self.optimizer.multipliers) * self._lr, tf.float64)
+        self.flag = tf.constant(FLAG_OK, tf.int32)
+        self.nonfinite = None
+        self.compilations = 0
+
+    def reset(self, seed: int) -> None:
+        seed_rngs(self.rng_vars, seed)
+        self._start(zero=True)
+
+    def resume(self) -> None:
+        self._start(zero=False)
+
+    def finish(self) -> None:
+        """Write replica 0's weights and the state the step writes back to the model's variables."""
+        weights, states = local(self.strategy, (self.weights, self.states))[0]
+        for var, value in zip(self._trainable, weights):
+            var.assign(value)
+        for i in self.synced + self.seeded:
+            self._non_trainable[i].assign(states[i])
+
+    def replica_values(self) -> list[dict[str, list[np.ndarray]]]:
+        """Every replica's copies, in replica order: ``{"weights": [...], "states": [...], "slots":
+        [{slot: array}]}`` (``model.trainable_variables``' and ``non_trainable_variables``' orders)."""
+        out = []
+        for weights, states, slots in local(self.strategy, (self.weights, self.states, self.slots)):
+            out.append({"weights": [w.numpy() for w in weights], "states": [s.numpy() for s in states],
+                        "slots": [{n: v.numpy() for n, v in s.items()} for s in slots]})
+        return out
+
+    # ---------------------------------------------------------------- the step
+    def _replica_step(self, x, y, w, weights, states, slots, lr, iteration, offsets, flag, same: bool):
+        ctx = tf.distribute.get_replica_context()
+        rid = ctx.replica_id_in_sync_group
+        k = self.count
+        states = list(states)
+        salts = {}
+        for i in self.seeded:  # replica i draws from its own seed (XOR, undone on the way out)
+            s = states[i]
+            salts[i] = tf.cast(tf.stack([rid * RNG_SALT, 0]), s.dtype)
+            states[i] = tf.bitwise.bitwise_xor(s, salts[i])
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            out, new_states, extra = self.model.stateless_call(weights, states, x, training=True, return_losses=True)
+            out = tf.cast(out, tf.float32)
+            per, d = per_sample_loss(out, y, self.spec.loss)
+            if w is None:
+                num = tf.reduce_sum(per)
+                den = tf.cast(tf.shape(per)[0], tf.float32) if d is None else tf.reduce_sum(d)
+            else:
+                w = tf.cast(w, tf.float32)
+                num = tf.reduce_sum(w * per)
+                den = tf.reduce_sum(w if d is None else w * d)
+            den = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(den))
+            objective = num / den
+            if extra:
+                objective = objective + tf.add_n([tf.cast(e, tf.float32) for e in extra]) / k
+        grads = dense(tape.gradient(objective, weights))
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, weights)]
+        grads, loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, (grads, objective))
+        if flag is not None:
+            flag = guard_flag(flag, loss, grads)
+        if self.spec.clip_grad_norm is not None:
+            grads = clip_by_global_norm(grads, self.spec.clip_grad_norm)
+        group, rates = self.optimizer.rates_of(lr, iteration, offsets, same)
+        updated = [self.optimizer.rule(v, g, s, r) for v, g, s, r in zip(weights, grads, slots, rates)]
+        new_weights, new_slots = [u[0] for u in updated], [u[1] for u in updated]
+        kept = list(states)  # frozen and untouched state: the input copies themselves
+        if self.synced:
+            averaged = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [new_states[i] for i in self.synced])
+            for i, v in zip(self.synced, averaged):
+                kept[i] = v
+        for i in self.seeded:
+            kept[i] = tf.bitwise.bitwise_xor(new_states[i], salts[i])
+            states[i] = tf.bitwise.bitwise_xor(states[i], salts[i])
+        new = (new_weights, kept, new_slots, iteration + 1)
+        if flag is not None:  # refused: every value as it was
+            ok = tf.equal(flag, FLAG_OK)
+            new = tf.nest.map_structure(lambda n, o: tf.where(ok, n, o), new, (list(weights), states, list(slots),
+                                                                                  iteration))
+        return (out, *new, group, tf.constant(FLAG_OK, tf.int32) if flag is None else flag)
+
+    def _function(self, x: Any, y: np.ndarray, weighted: bool):
+        same = self._same_steps or not self.optimizer.uses_step
+        key = (structure_key(x), y.shape[1:], y.dtype.str, weighted, same)
+        fn = self._fns.get(key)
+        if fn is None:
+            guard, strategy = self.spec.guard, self.strategy
+
+            def run(x, y, w, weights, states, slots, lr, iteration, offsets, flag):
+                self._traces += 1
+                step = lambda x, y, w, weights, states, slots: self._replica_step(  # noqa: E731
+                    x, y, w, weights, states, slots, lr, iteration, offsets, flag if guard else None, same)
+                out, weights, states, slots, iteration, group, flag = strategy.run(
+                    step, args=(x, y, w, weights, states, slots))
+                outs = strategy.experimental_local_results(out)
+                first = lambda v: strategy.experimental_local_results(v)[0]  # noqa: E731
+                # (identical on every replica: computed from all-reduced values)
+                return (tf.concat(outs, 0), weights, states, slots, first(iteration), first(group), first(flag))
+
+            fn = self._fns[key] = tf.function(run, autograph=False)
+        return fn
+
+    def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> np.ndarray:
+        if lr is None:
+            lr = self._lr
+        else:
+            self._lr = lr
+        x = self.to_inputs(x)
+        n = len(y)
+        if n % self.count:
+            raise DistributedError(f"a batch of {n} samples does not split over {self.count} replicas")
+        xs, ys, ws = shard(self.strategy, (x, y, w)) if w is not None else (*shard(self.strategy, (x, y)), None)
+        before = self._traces
+        with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
+            out, weights, states, slots, iteration, group, flag = self._function(x, y, w is not None)(
+                xs, ys, ws, self.weights, self.states, self.slots, tf.constant(lr, tf.float32), self.iteration,
+                self.offsets, self.flag)
+        self.compilations += self._traces - before
+        self.weights, self.states, self.slots = list(weights), list(states), list(slots)
+        self.iteration, self.group_lr = iteration, group
+        if self.spec.guard:
+            self.flag = flag
+            if self.nonfinite is None:
+                self.nonfinite = flag_name(int(flag), [t.name for t in self.tensors])
+        return out.numpy()
+
+    # ---------------------------------------------------------------- optimizer state
+    def export_state(self) -> dict:
+        done = int(self.iteration.numpy())
+        offsets = self.offsets.numpy()
+        slots0 = local(self.strategy, self.slots)[0]
+        slots: dict[str, dict] = {}
+        steps: dict[str, int] = {}
+        for i, t in enumerate(self.tensors):
+            steps[t.name] = done + int(offsets[i])
+            slots[t.name] = {} if steps[t.name] == 0 else {
+                name: _to_state(value.numpy(), t.perm) for name, value in slots0[i].items()}
+        return {"slots": slots, "steps": steps}
+
+    def import_state(self, state: dict) -> None:
+        steps = np.array([int(state.get("steps", {}).get(t.name, 0)) for t in self.tensors], np.int64)
+        done = int(steps.min())
+        slots = []
+        for t, v in zip(self.tensors, self._trainable):
+            given = state.get("slots", {}).get(t.name) or {}
+            slots.append({name: tf.zeros(v.shape, v.dtype) if given.get(name) is None else
+                          tf.constant(_from_state(given[name], t.perm, tuple(v.shape), f"{t.name}/{name}"), v.dtype)
+                          for name in self.optimizer.slot_names()})
+        self.slots = broadcast(self.strategy, slots)
+        self.iteration, self.offsets = tf.constant(done, tf.int64), tf.constant(steps - done)
+        self._same_steps = not (steps - done).any()
+
+    def applied_lr(self) -> dict[str, float]:
+        group = self.group_lr.numpy()
+        return {t.name: float(group[g]) for t, g in zip(self.tensors, self.optimizer.group_of)}
+
+    def optimizer_state_bytes(self) -> int:
+        """One replica's optimizer state (every replica holds a copy)."""
+        weights = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in self._trainable)
+        slots = weights * len(self.optimizer.slot_names())
+        return slots + 8 + 4 + 8 * len(self._trainable)
+
+
+#: ``features``' distributed runs per (strategy, feature function), least recently used dropped first
+_FEATURE_RUNS: dict[tuple, Any] = {}
+
+
+def features(strategy: tf.distribute.Strategy, fn, variables: list, chunks: list) -> np.ndarray:
+    """``fn(batch, values)`` (a feature function, see ``KerasModel._feature_function``) on every batch
+    of ``chunks`` (model inputs), each split over the replicas (padded with its last row to a
+    multiple of the replica count, the padding dropped after)."""
+    k = strategy.num_replicas_in_sync
+    values = broadcast(strategy, [tf.convert_to_tensor(v) for v in variables])  # read once for all chunks
+    run = _FEATURE_RUNS.pop((strategy, fn), None)
+    if run is None:
+        def split(batch, values):
+            return tf.concat(strategy.experimental_local_results(strategy.run(fn, args=(batch, values))), 0)
+        run = tf.function(split, autograph=False)
+    _FEATURE_RUNS[strategy, fn] = run  # most recently used last
+    while len(_FEATURE_RUNS) > 16:
+        _FEATURE_RUNS.pop(next(iter(_FEATURE_RUNS)))
+    out = []
+    for batch in chunks:
+        n = len(tf.nest.flatten(batch)[0])
+        pad = -n % k
+        if pad:
+            batch = tf.nest.map_structure(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, 0)]), batch)
+        out.append(run(shard(strategy, batch), values).numpy()[:n])
+    return np.concatenate(out)
