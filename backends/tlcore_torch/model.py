@@ -8,7 +8,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from tlcore.head import HeadPlan
 from tlcore.model import Model
 from tlcore.optim import TrainSpec
 
+from . import distributed
 from ._torch import nn, torch
 from .cut import (append_head, call_order, check_call, cut_module, example_input, feeds_dense_as_is, first_leaf, layer_names,
                   modules_by_name, primary_output, timm_head, timm_pre_logits)
@@ -29,6 +30,9 @@ from .freeze import apply_mask, is_stochastic, tensor_infos, train_mode
 from .head import HeadModule, build_head
 from .lora import add_lora, lora_targets, remove_lora
 from .train import TorchTrainer
+
+if TYPE_CHECKING:
+    from tlcore.distribute import DataParallel, Replicas
 
 
 class _StopForward(BaseException):
@@ -173,7 +177,17 @@ class TorchModel(Model):
 
     def _features(self, x: Any) -> np.ndarray:
         """The head's input, after its pool when tlcore built the head (the cached features are then
-        small, and an attention mask is used here); :meth:`_head_model` starts after it."""
+        small, and an attention mask is used here); :meth:`_head_model` starts after it. Inside a
+        data-parallel fit (the feature cache), each replica computes its shard of ``x``."""
+        if self._strategy is not None and distributed.dist.is_initialized():  # set by the core during a fit
+            world = distributed.dist.get_world_size()
+            if world > 1:
+                return distributed.sharded_features(self._local_features, x, world, distributed.dist.get_rank(),
+                                                    self.device)
+        return self._local_features(x)
+
+    def _local_features(self, x: Any) -> np.ndarray:
+        """:meth:`_features` computed in this process alone."""
         captured = {}
 
         def grab(module, inputs):
@@ -256,7 +270,13 @@ class TorchModel(Model):
         frozen_bn = [modules[u] for u in self._resolved.frozen_bn_units]
         mask = self._resolved.mask
         params = {n: p for n, p in self._params().items() if mask[n]}
-        return TorchTrainer(self._module, frozen_bn, spec, self._to_module, self.device, params, self._rng)
+        kind = TorchTrainer if spec.strategy is None else distributed.DataParallelTrainer
+        return kind(self._module, frozen_bn, spec, self._to_module, self.device, params, self._rng)
+
+    def _replicas(self, strategy: DataParallel) -> Replicas:
+        """The processes of the default process group (initialised from ``torchrun``'s variables when
+        the script did not); see ``tlcore_torch.distributed``."""
+        return distributed.replicas(strategy, self.device)
 
     # ---------------------------------------------------------------- adapters
     def _lora_targets(self) -> list[LoraTarget]:

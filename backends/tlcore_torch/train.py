@@ -1,6 +1,7 @@
 """The PyTorch training step: the optimizer spec translated once, frozen tensors left out."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -42,30 +43,47 @@ def build_optimizer(spec: TrainSpec, params: dict[str, nn.Parameter]) -> torch.o
 SLOTS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "square_avg", "grad_avg")
 
 
-def weighted_loss(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
-    """``spec``'s weighted mean loss (see ``tlcore.backend.Trainer.step``): PyTorch's own losses with
-    ``reduction="none"``, then ``sum(w * l) / sum(w * d)``."""
-    d = None
+def denominators(y: torch.Tensor, spec: LossSpec, classes: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``d_i`` of the weighted mean (see ``tlcore.backend.Trainer.step``): the class weight of each
+    integer label under cross entropy with class weights; None where every ``d_i`` is 1."""
+    if spec.kind != "cross_entropy" or y.ndim != 1:
+        return None
+    cw = spec.class_weights(classes)
+    return None if cw is None else torch.as_tensor(cw, dtype=dtype, device=y.device)[y]
+
+
+def loss_terms(out: torch.Tensor, y: torch.Tensor, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-sample losses ``l_i`` (PyTorch's own losses with ``reduction="none"``; the mean over
+    outputs for binary cross entropy, MSE and Huber) and the ``d_i`` (:func:`denominators`)."""
     if spec.kind == "cross_entropy":
         logits = out.reshape(len(out), -1)
         cw = spec.class_weights(logits.shape[1])
-        if w is None and cw is None:  # the common case, in one fused call
-            return F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
         weight = None if cw is None else torch.as_tensor(cw, dtype=logits.dtype, device=logits.device)
         per = F.cross_entropy(logits, y, weight=weight, label_smoothing=spec.label_smoothing, reduction="none")
-        if weight is not None and y.ndim == 1:
-            d = weight[y]
+        return per, None if weight is None or y.ndim != 1 else weight[y]
+    z = out.reshape(y.shape)
+    if spec.kind == "binary_cross_entropy":
+        pw = spec.pos_weights(y.shape[1])
+        pw = None if pw is None else torch.as_tensor(pw, dtype=z.dtype, device=z.device)
+        per = F.binary_cross_entropy_with_logits(z, y, pos_weight=pw, reduction="none")
+    elif spec.kind == "huber":
+        per = F.huber_loss(z, y, delta=spec.delta, reduction="none")
     else:
-        z = out.reshape(y.shape)
-        if spec.kind == "binary_cross_entropy":
-            pw = spec.pos_weights(y.shape[1])
-            pw = None if pw is None else torch.as_tensor(pw, dtype=z.dtype, device=z.device)
-            per = F.binary_cross_entropy_with_logits(z, y, pos_weight=pw, reduction="none")
-        elif spec.kind == "huber":
-            per = F.huber_loss(z, y, delta=spec.delta, reduction="none")
-        else:
-            per = F.mse_loss(z, y, reduction="none")
-        per = per.reshape(len(per), -1).mean(dim=1)
+        per = F.mse_loss(z, y, reduction="none")
+    return per.reshape(len(per), -1).mean(dim=1), None
+
+
+def fused_mean(spec: LossSpec, w: torch.Tensor | None, classes: int) -> bool:
+    """True when the loss is plain cross entropy's mean (no sample or class weights): one fused call."""
+    return spec.kind == "cross_entropy" and w is None and spec.class_weights(classes) is None
+
+
+def weighted_loss(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
+    """``spec``'s weighted mean loss (see ``tlcore.backend.Trainer.step``): PyTorch's own losses with
+    ``reduction="none"``, then ``sum(w * l) / sum(w * d)``."""
+    if fused_mean(spec, w, out.reshape(len(out), -1).shape[1]):  # the common case, in one fused call
+        return F.cross_entropy(out.reshape(len(out), -1), y, label_smoothing=spec.label_smoothing)
+    per, d = loss_terms(out, y, spec)
     if w is None and d is None:
         return per.mean()
     s = torch.ones_like(per) if w is None else w.to(per.dtype)
@@ -138,7 +156,6 @@ class TorchTrainer(Trainer):
         if lr is not None and self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["mult"]
-        args, kwargs = self.to_module(x)
         backup = None
         if self.spec.guard:  # the statistics this step's forward writes, copied in one call
             if self.written:
@@ -146,12 +163,7 @@ class TorchTrainer(Trainer):
                     self._backup = [torch.empty_like(b) for b in self.written]
                 torch._foreach_copy_(self._backup, self.written)
             backup = self._backup or []
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            out = primary_output(self.module(*args, **kwargs))
-        yb = torch.from_numpy(y).to(self.device, non_blocking=True)
-        wb = None if w is None else torch.from_numpy(w).to(self.device, non_blocking=True)
-        out = out.float()  # the loss in float32
-        loss = weighted_loss(out, yb, wb, self.spec.loss)
+        out, loss = self._forward_loss(x, y, w)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
@@ -165,15 +177,14 @@ class TorchTrainer(Trainer):
                 grads = [p.grad for p in self.params if p.grad is not None]
                 norm = nn.utils.get_total_norm(grads, foreach=True) if grads else None
         if backup is not None:
-            total = loss.detach() if norm is None else loss.detach() + norm  # one check, one sync when finite
-            bad = self.nonfinite or (None if bool(torch.isfinite(total)) else self._first_nonfinite(loss))
+            bad = self.nonfinite or self._nonfinite_now(loss, norm)
             if bad is not None:  # the step changes nothing: statistics back, no update
                 if self.written:
                     torch._foreach_copy_(self.written, backup)
                 if self.optimizer is not None:
                     self.optimizer.zero_grad(set_to_none=True)
                 self.nonfinite = bad
-                return out.detach().cpu().numpy()
+                return self._outputs(out)
         if self.optimizer is not None:
             if self.spec.clip_grad_norm is not None and not clipped:
                 nn.utils.clip_grad_norm_(self.params, self.spec.clip_grad_norm, foreach=True)
@@ -184,6 +195,32 @@ class TorchTrainer(Trainer):
                 self.scaler.update()
             for name in self.steps:
                 self.steps[name] += 1
+        return self._outputs(out)
+
+    def _forward_loss(self, x: Any, y: np.ndarray, w: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training forward pass on batch ``x`` (its outputs in float32) and the loss to minimise."""
+        args, kwargs = self.to_module(x)
+        with self.precision():
+            out = primary_output(self.module(*args, **kwargs))
+        yb = torch.from_numpy(y).to(self.device, non_blocking=True)
+        wb = None if w is None else torch.from_numpy(w).to(self.device, non_blocking=True)
+        out = out.float()  # the loss in float32
+        return out, weighted_loss(out, yb, wb, self.spec.loss)
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The forward pass's mixed-precision context: torch autocast, or nothing in float32 (an
+        inactive autocast still costs its enter and exit on every step)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def _nonfinite_now(self, loss: torch.Tensor, norm: torch.Tensor | None) -> str | None:
+        """What makes this step non-finite (see :meth:`_first_nonfinite`), or None."""
+        total = loss.detach() if norm is None else loss.detach() + norm  # one check, one sync when finite
+        return None if bool(torch.isfinite(total)) else self._first_nonfinite(loss)
+
+    def _outputs(self, out: torch.Tensor) -> np.ndarray:
+        """What :meth:`step` returns for the forward pass's outputs ``out``."""
         return out.detach().cpu().numpy()
 
     def _first_nonfinite(self, loss: torch.Tensor) -> str | None:
@@ -192,6 +229,11 @@ class TorchTrainer(Trainer):
         the scale), so only the loss is checked there."""
         if not bool(torch.isfinite(loss)):
             return "loss"
+        return self._first_nonfinite_grad()
+
+    def _first_nonfinite_grad(self) -> str | None:
+        """The name of the first parameter whose gradient is not finite (None under float16's loss
+        scaler, or when there is none)."""
         if self.scaler is not None or self.optimizer is None:
             return None
         # None when every gradient is finite and only their norm overflowed
