@@ -163,6 +163,75 @@ def test_a_uint8_memmap_larger_than_a_batch_is_scaled_batch_by_batch(tmp_path):
         np.testing.assert_allclose(b.state()[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_a_scaled_batch_is_converted_and_scaled_in_one_array_with_the_values_of_two_steps():
+    """``tl.data.scale`` converts and multiplies in one pass: the values of converting to float32 and
+    then scaling, bit for bit, with one batch-sized float32 array instead of two; integers and bools
+    are converted, not scaled. Negative control: the two steps are measured at two arrays."""
+    import tracemalloc
+
+    from tlcore.data import batch_dtypes
+    from tlcore.sources import _times
+
+    rng = np.random.default_rng(0)
+    two_steps = lambda a, f: np.multiply(batch_dtypes(a), np.float32(f), dtype=np.float32)  # noqa: E731
+    for dtype in (np.uint8, np.float16, np.float32, np.float64):
+        a = (rng.random((64, 5, 3)) * 255).astype(dtype)
+        for factor in (1 / 255, 3.7, -0.1):
+            out = _times(a, factor)
+            assert out.dtype == np.float32 and np.array_equal(out, two_steps(a, factor)), (dtype, factor)
+    ints, flags = np.arange(6).reshape(3, 2), np.array([True, False])
+    assert _times(ints, 0.5).dtype == np.int64 and _times(ints, 0.5).tolist() == ints.tolist()
+    assert _times(flags, 2.0).dtype == np.bool_
+    parts = _times({"a": rng.random((4, 2)), "b": (ints.astype(np.int32),)}, 2.0)
+    assert parts["a"].dtype == np.float32 and parts["b"][0].dtype == np.int64
+
+    pixels = rng.integers(0, 256, (250, 64, 64, 3), dtype=np.uint8)
+    batch = pixels.size * 4
+    peaks = []
+    for scale in (_times, two_steps):
+        tracemalloc.start()
+        try:
+            scale(pixels, 1 / 255)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[0] < 1.1 * batch, peaks
+    assert peaks[1] > 1.9 * batch, "negative control: converting, then scaling, holds two batches"
+
+
+def test_the_feature_cache_keeps_small_batches_in_a_few_blocks_with_their_values():
+    """The in-memory cache copies each batch's small arrays (features, targets, weights) into large
+    blocks: a fit that caches the features of many batches keeps a few allocations, not one per
+    batch (which fragments the heap, see README "Benchmarks"). Values, dtypes and shapes are kept; a
+    batch as large as half a block is kept as it is. Negative control: with blocks too small for a
+    batch, each batch is its own array."""
+    from tlcore.sources import Batch
+    from tlcore.training import FeatureCache
+
+    rng = np.random.default_rng(0)
+    batches = [Batch(rng.normal(size=(25, 8)).astype(np.float32), rng.integers(0, 3, 25),
+                     None if i % 2 else rng.random(25)) for i in range(200)]
+    batches.append(Batch(rng.normal(size=(7, 8))[:, ::2], np.arange(7, dtype=np.int32), None))  # not contiguous
+    bases = {}
+    for block in (1 << 16, 64):
+        cache = FeatureCache(block=block)
+        for b in batches:
+            cache.add(b)
+        kept = list(cache.batches(np.random.default_rng(0)))
+        for b, k in zip(batches, kept, strict=True):
+            for a, c in zip(b, k):
+                assert (a is None) == (c is None)
+                if a is not None:
+                    assert c.dtype == a.dtype and np.array_equal(c, a) and c.flags.aligned
+                    assert c.flags.c_contiguous or block == 64  # kept as given there
+        bases[block] = {id(k.x if k.x.base is None else k.x.base) for k in kept}
+        if block > 64:  # a copy: the cache does not change when the caller's array does
+            batches[0].x[0, 0] = 1e9
+            assert kept[0].x[0, 0] != 1e9
+    assert len(bases[1 << 16]) <= 2 + 201 * 25 * (8 * 4 + 8 * 2 + 64) // (1 << 16), bases[1 << 16]
+    assert len(bases[64]) == 201, "negative control: batches larger than half a block are kept one by one"
+
+
 def test_progress_is_a_line_per_epoch_off_a_terminal(capsys, caplog):
     backend = selected_backends()[0]
     x, y = data_for(backend)

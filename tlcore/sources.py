@@ -103,9 +103,13 @@ class Arrays(Source):
 
     def batches(self, rng: np.random.Generator) -> Iterator[Batch]:
         for index in self.index_batches(rng):
-            yield Batch(data.batch_dtypes(data.take(self.x, index)), None if self.y is None else self.y[index],
+            yield Batch(self._convert(data.take(self.x, index)), None if self.y is None else self.y[index],
                         None if self.w is None else self.w[index])
             data.release_pages(self.x)  # a memmap keeps only the batches in flight resident
+
+    def _convert(self, x: data.Inputs) -> data.Inputs:
+        """A batch's rows with tlcore's dtypes."""
+        return data.batch_dtypes(x)
 
     def describe(self) -> str:
         return f"arrays of {self.n} samples"
@@ -272,17 +276,21 @@ class _ScaledArrays(Arrays):
         super().__init__(*args, **kwargs)
         self.factor = factor
 
-    def batches(self, rng: np.random.Generator) -> Iterator[Batch]:
-        for batch in super().batches(rng):
-            yield batch._replace(x=_times(batch.x, self.factor))
+    def _convert(self, x: data.Inputs) -> data.Inputs:
+        return _times(x, self.factor)
 
 
 def _times(x: Any, factor: float) -> Any:
+    """``x`` (a batch's rows as read) with tlcore's dtypes, its float (and uint8) arrays multiplied by
+    ``factor`` in float32: one pass and one new array (converting first, then scaling, computes the same
+    values through a second batch-sized array)."""
     if isinstance(x, dict):
         return {k: _times(v, factor) for k, v in x.items()}
     if isinstance(x, tuple):
         return tuple(_times(v, factor) for v in x)
-    return np.multiply(x, np.float32(factor), dtype=np.float32) if x.dtype.kind == "f" else x
+    if data.model_dtype(x.dtype) != np.float32:
+        return data.batch_dtypes(x)
+    return np.multiply(x, np.float32(factor), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------- dispatch

@@ -7,6 +7,8 @@ Example:
 """
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import logging
 import shutil
@@ -33,6 +35,8 @@ PROGRESS = ("bar", "epoch", "off")
 #: bytes of cached frozen features kept in memory; beyond, batches are written to a temporary folder
 #: and read back memory-mapped
 CACHE_MEMORY_BYTES = 1 << 30
+#: bytes of each block the in-memory feature cache copies small batches into (see FeatureCache.keep)
+CACHE_BLOCK_BYTES = 8 << 20
 
 
 def resolve_progress(progress: bool | str) -> str:
@@ -242,10 +246,11 @@ class FeatureCache(Source):
 
     deterministic = True
 
-    def __init__(self, limit: int = CACHE_MEMORY_BYTES):
-        self.limit, self.bytes = limit, 0
+    def __init__(self, limit: int = CACHE_MEMORY_BYTES, block: int = CACHE_BLOCK_BYTES):
+        self.limit, self.bytes, self.block = limit, 0, block
         self.items: list = []
         self.folder: Path | None = None
+        self._free: np.ndarray | None = None  # the unused end of the current block
 
     @property
     def on_disk(self) -> bool:
@@ -257,14 +262,31 @@ class FeatureCache(Source):
 
     def add(self, batch: Batch) -> None:
         self.bytes += batch.x.nbytes
+        y, w = self.keep(batch.y), self.keep(batch.w)
         if self.bytes > self.limit:
             if self.folder is None:
                 self.folder = Path(tempfile.mkdtemp(prefix="tlcore-features-"))
             path = self.folder / f"{len(self.items)}.npy"
             np.save(path, batch.x)
-            self.items.append(Batch(path, batch.y, batch.w))
+            self.items.append(Batch(path, y, w))
         else:
-            self.items.append(batch)
+            self.items.append(Batch(self.keep(batch.x), y, w))
+
+    def keep(self, a: Any) -> Any:
+        """``a`` (a numpy array smaller than half a block) copied into the cache's current block of
+        :data:`CACHE_BLOCK_BYTES`: what the cache keeps then lies in a few large blocks, not in a small
+        array per batch. Small arrays kept one by one while batch-sized ones (the inputs, the frozen
+        part's activations) come and go between them fragment the process's heap: on glibc, caching
+        the features of 50,000 images of 64x64x3 peaked at up to 3x the RSS of caching 500."""
+        if not isinstance(a, np.ndarray) or a.dtype.hasobject or 2 * a.nbytes > self.block:
+            return a
+        size = -(-a.nbytes // 64) * 64  # each array 64-byte aligned in its block
+        if self._free is None or len(self._free) < size:
+            self._free = np.empty(self.block, np.uint8)
+        out = self._free[:a.nbytes].view(a.dtype).reshape(a.shape)
+        out[...] = a
+        self._free = self._free[size:]
+        return out
 
     def batches(self, rng: np.random.Generator) -> Iterator[Batch]:
         for item in self.items:
@@ -283,6 +305,11 @@ def cache_features(features, source: Source, rng: np.random.Generator, check, ba
         n = source.n
         feats = np.concatenate([np.asarray(features(data.take(source.x, slice(i, i + batch_size))))
                                 for i in range(0, n, batch_size)])
+        return Arrays(feats, source.y, source.w, source.batch_size, source.shuffle)
+    if isinstance(source, Arrays):  # converted batch by batch (tl.data.scale): in order, then shuffled per epoch
+        ordered = copy.copy(source)
+        ordered.shuffle, ordered.batch_size = False, batch_size
+        feats = np.concatenate([np.asarray(features(b.x)) for b in checked_batches(ordered, rng, check)])
         return Arrays(feats, source.y, source.w, source.batch_size, source.shuffle)
     cache = FeatureCache()
     for batch in checked_batches(source, rng, check):

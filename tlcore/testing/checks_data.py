@@ -162,3 +162,21 @@ def check_bad_sources_and_weights_are_refused_before_training(backend):
     batches[1] = (x[8:], y[8:].astype(np.float32) + 0.5)  # a later batch of another kind: named by index
     with raises(tl.DataError, "batch 1"):
         ft.fit(batches, progress=False)
+
+
+@check
+def check_scaled_arrays_cached_reshuffle_every_epoch_as_uncached(backend):
+    """uint8 arrays declared with ``tl.data.scale`` and shuffled: the feature cache computes their
+    features in order and shuffles them each epoch from the run's generator, so a cached fit equals
+    the uncached one (a cache that replayed one epoch's order would not)."""
+    states = []
+    for cache in ("auto", False):
+        ft = reference_finetune(backend, dropout=0.0)
+        x, y = sample_data(ft, n=40)
+        images = np.clip(x * 40 + 128, 0, 255).astype(np.uint8)
+        hist = ft.fit(tl.data.scale(images, 1 / 255), y, epochs=3, batch_size=8, shuffle=True, cache_features=cache,
+                      progress=False, optimizer=tl.optim.SGD(lr=0.1, momentum=0.9))
+        assert hist.info["cache_features"] == ("used" if cache else "off")
+        states.append(ft.state())
+    for name in states[0]:
+        np.testing.assert_allclose(states[0][name], states[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
