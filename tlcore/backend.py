@@ -6,8 +6,9 @@ Everything that is the same on every backend lives in the core (``tlcore.model``
 checking inputs, resolving freeze policies and cuts, planning heads and drawing their initial values,
 reusing trainers, the epoch loop, feature caching, metrics, summaries and checkpoints. A backend
 translates those decisions into its framework through the abstract methods below; each of them is
-called by a core code path, so none is optional. Three hooks have a default a backend may keep
-(``_verify_native`` and ``_check_inputs``: nothing to check; ``_output_shapes``: no shapes in the summary).
+called by a core code path, so none is optional. Some hooks have a default a backend may keep
+(``_verify_native`` and ``_check_inputs``: nothing to check; ``_output_shapes``: no shapes in the summary;
+``_fit_ended``: nothing to release; ``_replicas``: one replica only).
 
 Example:
     >>> from tlcore.backend import Backend, ModelPrimitives, Trainer
@@ -299,6 +300,10 @@ class ModelPrimitives(abc.ABC):
         if getattr(strategy, "devices", None) not in (None, 1):
             raise DistributedError(f"the {self.backend} backend cannot run {strategy!r}")
         return Replicas(1, 0)
+
+    def _fit_ended(self) -> None:
+        """Called when a fit ends, however it ends: release what the backend kept for it (e.g. the
+        replicated weights of a data-parallel feature pass). Default: nothing."""
 
     # ---- adapters (tlcore.adapters)
     @abc.abstractmethod

@@ -718,6 +718,7 @@ class Model(ModelPrimitives):
             return self._train(source, val, run, stages, callbacks, cache_features, reset, saver, point)
         finally:
             self._strategy = None
+            self._fit_ended()
 
     def _strategy_replicas(self, strategy: Any) -> distribute.Replicas:
         if strategy is None:

@@ -22,6 +22,7 @@ from tlcore.adapters import LoraTarget
 from tlcore.backend import Trainer
 from tlcore.cut import dropped_layers
 from tlcore.data import Inputs, num_samples, take
+from tlcore.distribute import Replicas
 from tlcore.errors import CutError, UnsupportedModelError
 from tlcore.freeze import Resolved, TensorInfo
 from tlcore.head import HeadPlan
@@ -30,6 +31,7 @@ from tlcore.optim import TrainSpec
 
 from .cut import (WRAPPERS, _children, append_head, call_order, cut_module, get_path, is_sequential, layer_entries,
                   static_width, top_layer, trace_shapes)
+from .distributed import DataParallelTrainer, ReplicatedLeaves, plan_for, replicas_of, sharded_features
 from .freeze import Layout, Partition, layout, partition, set_modes, stochastic_modules
 from .head import build_head
 from .inputs import abstract, call, check_call
@@ -104,6 +106,8 @@ class JaxModel(Model):
         self._layout: Layout | None = None
         self._partition: Partition | None = None
         self._dense_order: tuple = (None, {})          # (dense layer paths, their call ranks)
+        #: the replicated module of a data-parallel fit's feature caching (until :meth:`_fit_ended`); else None
+        self._dp_leaves: ReplicatedLeaves | None = None
         self.rng_prefix = rng_prefix
         self._layer_order = list(layer_order or ())
         self.canonical = canonical
@@ -189,7 +193,18 @@ class JaxModel(Model):
         return infer_batches(self._module, x, batch_size)
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:
+        if spec.strategy is not None:  # more than one replica (see .distributed)
+            return DataParallelTrainer(self, spec, self._partition, self._prepared)
         return JaxTrainer(self, spec, self._partition, self._prepared)
+
+    def _replicas(self, strategy: Any) -> Replicas:
+        """The devices of ``strategy``: all of ``jax.devices()`` (every process's after
+        ``jax.distributed.initialize()``) or the first ``DataParallel(devices=k)`` local ones; the rank
+        is ``jax.process_index()``. A :class:`tlcore.DistributedError` for more devices than there are."""
+        return replicas_of(strategy)
+
+    def _fit_ended(self) -> None:
+        self._dp_leaves = None  # the replicated weights of the fit's feature pass
 
     def _verify_native(self) -> None:
         """The module's structure still matches its layout: a pytree structure the same as last
@@ -297,6 +312,10 @@ class JaxModel(Model):
         """The head's input, after its pool (with the attention mask) when tlcore built the head:
         the cached features are then small and the mask is used here once; :meth:`_head_model`
         starts after the pool."""
+        if self._strategy is not None:  # in a data-parallel fit: each device computes its shard
+            if self._dp_leaves is None:
+                self._dp_leaves = ReplicatedLeaves(plan_for(self._strategy))
+            return sharded_features(self._module, x, self._head, self._dp_leaves)
         return infer_batches(self._module, x, num_samples(x), stop=self._head)
 
     def _batched_features(self, x: Inputs, batch_size: int = FEATURE_BATCH) -> np.ndarray:

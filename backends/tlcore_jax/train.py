@@ -535,15 +535,20 @@ class CompiledStep:
 _STEPS: OrderedDict[tuple, CompiledStep] = OrderedDict()
 
 
-def compiled_step(split: LeafSplit, cfg: StepConfig) -> CompiledStep:
-    """The shared jitted step for a model structure, partition and configuration (the last 64 are kept)."""
-    key = (split, cfg)
+def compiled_step(split: LeafSplit, cfg: StepConfig, plan: Any = None) -> CompiledStep:
+    """The shared jitted step for a model structure, partition and configuration (the last 64 are kept).
+
+    ``plan``: a data-parallel :class:`tlcore_jax.distributed.ShardingPlan` (hashable, part of the key),
+    whose ``jit_step`` / ``jit_init`` compile the step with the batch sharded over its mesh and
+    everything else replicated; None: one device."""
+    key = (split, cfg, plan)
     if key in _STEPS:
         _STEPS.move_to_end(key)
         return _STEPS[key]
     traces = [0]
-    step = _STEPS[key] = CompiledStep(jax.jit(functools.partial(_train_step, split, cfg, traces)), traces,
-                                      jax.jit(cfg.rule.init))
+    fn = functools.partial(_train_step, split, cfg, traces)
+    step = _STEPS[key] = (CompiledStep(jax.jit(fn), traces, jax.jit(cfg.rule.init)) if plan is None else
+                          CompiledStep(plan.jit_step(fn), traces, plan.jit_init(cfg.rule.init)))
     while len(_STEPS) > _CACHE_SIZE:
         _STEPS.popitem(last=False)
     return step
@@ -631,8 +636,10 @@ class JaxTrainer(Trainer):
     #: device never waits for a copy (and at most this many batches of outputs wait on the device)
     PIPELINE_DEPTH = 2
 
-    def __init__(self, model: JaxModel, spec: TrainSpec, part: Partition, cache: dict):
+    def __init__(self, model: JaxModel, spec: TrainSpec, part: Partition, cache: dict, plan: Any = None):
         self.module = model.native
+        #: the data-parallel sharding plan of the step (see ``tlcore_jax.distributed``); None: one device
+        self.plan = plan
         self.streams, self.rng_prefix = model.layout.rng_streams, model.rng_prefix
         self.spec = spec
         treedef = jax.tree.structure(self.module)
@@ -646,9 +653,9 @@ class JaxTrainer(Trainer):
         self.names = [name_of[path] for path in self.split.paths[:len(self.split.trainable)]]
         self.cfg = StepConfig(rule_of(spec.optimizer), as_loss(spec.loss), spec.clip_grad_norm, part.frozen_bn,
                               spec.precision, param_rates(spec, self.names, model.rng_prefix), spec.guard)
-        key = (treedef, self.cfg)
+        key = (treedef, self.cfg, plan)
         if key not in cache:
-            cache[key] = compiled_step(self.split, self.cfg)
+            cache[key] = compiled_step(self.split, self.cfg, plan)
         self.compiled = cache[key]
         self.schedule = spec.optimizer.schedule
         self.constant_lr = None if isinstance(spec.optimizer.lr, Schedule) else float(spec.optimizer.lr)
@@ -709,8 +716,12 @@ class JaxTrainer(Trainer):
         if self._dirty:
             variables = _variables(self.module)
             for i, value in zip((*self.split.trainable, *self.split.mutable), (*self.trainable, *self.mutable)):
-                variables[i].set_value(value)
+                variables[i].set_value(self._module_value(value))
             self._dirty = False
+
+    def _module_value(self, value: jax.Array) -> jax.Array:
+        """What :meth:`finish` writes into the module's variable for a step's ``value``: the value."""
+        return value
 
     # ------------------------------------------------------------------ optimizer state
     def export_state(self) -> dict:
