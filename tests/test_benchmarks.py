@@ -63,3 +63,18 @@ def test_lora_benchmark_writes_a_row_per_mode(tmp_path):
         assert 0 < rows["lora"][f"{impl}_optimizer_state_bytes"] < rows["full"][f"{impl}_optimizer_state_bytes"]
     table = (tmp_path / "lora.md").read_text()
     assert table.count("| torch |") == 3 and "PEFT" in table
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("subprocess")
+def test_distributed_benchmark_writes_1_and_2_replica_rows(tmp_path):
+    backends = selected_backends()
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--distributed", "--quick", "--backends",
+                           ",".join(backends), "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "distributed_quick.json").read_text())["rows"]
+    assert sorted((r["backend"], r["replicas"]) for r in rows) == sorted((b, n) for b in backends for n in (1, 2))
+    for r in rows:
+        assert not r.get("error") and r["tlcore_ms"] > 0 and r["native_ms"] > 0 and r["ratio"] > 0, r
+    table = (tmp_path / "distributed_quick.md").read_text()
+    assert all(f"| {r['backend']} | {r['replicas']} | {r['engine']} |" in table for r in rows)
