@@ -6,7 +6,7 @@ all-reduces the trainable gradients only) while a trainable one normalises over 
 cached features are computed shard by shard, one device is exactly the single-device path, and two
 processes after ``jax.distributed.initialize()`` train as one device too.
 
-JAX fixes its devices when it starts, so the runs on two devices are made by ``dp_worker.py`` in
+JAX fixes its devices when it starts, so the runs on two devices are made by ``jax_dp_worker.py`` in
 processes of their own (started together, once for this module); the tests assert on what they
 measured."""
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax  # noqa: E402
 
 from tlcore_jax.distributed import DataParallelTrainer  # noqa: E402
 
-WORKER = Path(__file__).with_name("dp_worker.py")
+WORKER = Path(__file__).with_name("jax_dp_worker.py")
 TOL = 1e-5
 TIMEOUT = 300
 

@@ -1,6 +1,6 @@
 """Keras data parallel (``fit(strategy=tl.distribute.DataParallel())``): the step under TensorFlow's
 ``MirroredStrategy``. Two logical CPU devices exist only if TensorFlow is told before it initialises,
-so the 2-replica checks run in a process of their own (``dp_worker.py``): 3 steps of SGD-momentum and
+so the 2-replica checks run in a process of their own (``keras_dp_worker.py``): 3 steps of SGD-momentum and
 of AdamW with clipping at a global batch of 16 against one device on the same data order (trainable
 weights within 1e-5 relative), frozen tensors and BatchNorm statistics bit-identical to the start on
 the model and on every replica, every replica's copies identical (hashes), a frozen BatchNorm never
@@ -27,7 +27,7 @@ BACKEND = tl.get_backend("keras")  # before `import keras`: makes Keras run on T
 from tlcore_keras import distributed  # noqa: E402
 from tlcore_keras.train import KerasTrainer  # noqa: E402
 
-WORKER = Path(__file__).with_name("dp_worker.py")
+WORKER = Path(__file__).with_name("keras_dp_worker.py")
 TOL = 1e-5
 
 

@@ -1,4 +1,4 @@
-"""Data parallel on PyTorch (issue #17): 2 gloo processes under ``torchrun`` (tests/torch/dp_worker.py)
+"""Data parallel on PyTorch (issue #17): 2 gloo processes under ``torchrun`` (tests/torch/torch_dp_worker.py)
 against the same runs in this process on one device.
 
 Each replica trains on its half of every global batch of 16 (3 steps): its trainable weights must be
@@ -29,8 +29,8 @@ from tlcore_torch.distributed import TORCHRUN_ENV  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("subprocess")
 
-WORKER = Path(__file__).with_name("dp_worker.py")
-_spec = importlib.util.spec_from_file_location("dp_worker", WORKER)
+WORKER = Path(__file__).with_name("torch_dp_worker.py")
+_spec = importlib.util.spec_from_file_location("torch_dp_worker", WORKER)
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 

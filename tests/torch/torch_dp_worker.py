@@ -1,6 +1,6 @@
 """One replica of tests/torch/test_torch_distributed.py's data-parallel runs, started by ``torchrun``:
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/torch/dp_worker.py OUT
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/torch/torch_dp_worker.py OUT
 
 Runs every scenario of :data:`SCENARIOS` with ``strategy=tl.distribute.DataParallel()`` and writes, per
 rank, each model's state (``OUT/<scenario>_rank<r>.npz``) and ``OUT/rank<r>.json`` (History rows,

@@ -2,8 +2,8 @@
 count is fixed when it starts, so the forced host devices (``XLA_FLAGS``) or the
 ``jax.distributed.initialize()`` must come before anything imports it.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/jax/dp_worker.py devices OUT
-    python tests/jax/dp_worker.py process RANK PORT OUT      # one of 2 processes, 1 CPU device each
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/jax/jax_dp_worker.py devices OUT
+    python tests/jax/jax_dp_worker.py process RANK PORT OUT      # one of 2 processes, 1 CPU device each
 
 Writes what it measured to OUT (JSON); the test asserts on it.
 """
