@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._keras import flatten_layers, keras
+from .cut import Dropped, Wrapper
 
 #: compiled functions kept per process, least recently used dropped first
 MAX_SHARED = 16
@@ -66,6 +67,22 @@ def structure_key(model: keras.Layer) -> str | None:
     config = canonical(keras.saving.serialize_keras_object(model))
     variables = [(tuple(v.shape), str(v.dtype)) for v in model.variables]
     return json.dumps([config, variables], sort_keys=True, default=str)
+
+
+def step_structure(model: keras.Model) -> tuple | None:
+    """What a training step through ``model`` computes besides the values of its variables: its
+    :func:`structure_key` with every layer's ``trainable`` flag and dtype policy and every
+    variable's ``trainable`` flag (freezing sets them, and a custom layer's config does not list its
+    sub-layers). None (nothing shared) where :func:`structure_key` is, and for tlcore's cut and
+    head wrappers, whose call depends on attributes that are not in their config (the cut layer)."""
+    layers = [model, *flatten_layers(model)]
+    if any(isinstance(layer, (Wrapper, Dropped)) for layer in layers):
+        return None
+    key = structure_key(model)
+    if key is None:
+        return None
+    return (key, tuple((layer.trainable, layer.dtype_policy.name) for layer in layers),
+            tuple(bool(v.trainable) for v in model.variables))
 
 
 def _rename_references(value: Any, rename: Callable[[Any], Any]) -> Any:

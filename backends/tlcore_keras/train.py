@@ -63,6 +63,17 @@ A compiled step belongs to one trainable set: ``KerasModel`` reuses it across fi
 policy and the optimizer spec are unchanged, and builds a new one as soon as what trains changes, so
 changing ``trainable`` after compiling (the stale-compile pitfall, keras#6405) cannot happen.
 
+Shared across models. The whole-model step captures no variable: every one it reads or writes (the
+model's, the optimizer's, the guard's flag) is an argument of its concrete function, so one trace
+serves every model with the same structure (:func:`shared.step_structure`: layers and wiring,
+``trainable`` flags, dtype policies, variable shapes), trainable set, spec (:func:`shared_step_key`:
+the rates are constants, the base rate an argument) and batch structure; the process keeps the last
+:data:`MAX_STEPS`. A new model of a structure seen before (the next stage of an ``UnfreezeSchedule``
+on a second model, a sweep over seeds) compiles nothing, as on JAX, and computes exactly what its own
+trace would (the same graph). A trace that captured a variable anyway (one outside the model's
+list) stays its model's own. The step is called with its inputs already flat (``_keras.call_flat``):
+the batch as tensors, the variables as their handles.
+
 Example:
     >>> trainer = KerasTrainer(model, trainable_tensors, rng_vars, TrainSpec(tl.optim.Adam(lr=1e-3)))  # doctest: +SKIP
     >>> trainer.reset(seed=0)                                                                         # doctest: +SKIP
@@ -84,10 +95,11 @@ from tlcore.losses import LossSpec
 from tlcore.optim import OptimizerSpec, TrainSpec
 
 from . import PrecisionNotSupportedError
-from ._keras import InputLayer, flatten_layers, in_stateless_scope, keras, own_variables, tf, variable_index
+from ._keras import (InputLayer, call_flat, flatten_layers, in_stateless_scope, keras, own_variables, tf,
+                     variable_index)
 from .inputs import signature as signature_of
 from .inputs import structure_key
-from .shared import shared
+from .shared import shared, step_structure
 
 ops = keras.ops
 
@@ -579,6 +591,35 @@ def written_variables(model: keras.Model, rng_vars: list, trainable: list) -> li
     return list({id(v): v for v in out}.values())
 
 
+#: whole-model steps (:class:`KerasTrainer`) kept per process for the models of the same structure,
+#: least recently used dropped first
+MAX_STEPS = 16
+_STEPS: dict[tuple, Any] = {}
+
+
+def clear_cache() -> None:
+    """Forget every compiled step and feature pass shared across models (the next model traces its
+    own again, as in a new process)."""
+    from .shared import _SHARED
+
+    _STEPS.clear()
+    _SHARED.clear()
+
+
+class Step(NamedTuple):
+    """A traced whole-model step: its concrete function, the dtypes of its flat batch inputs and the
+    shapes and dtypes of the variables it takes after them."""
+
+    fn: Any
+    dtypes: tuple
+    layout: tuple
+
+
+def _tf_variable(v):
+    """The ``tf.Variable`` behind a Keras variable (``v`` itself for a ``tf.Variable``)."""
+    return v.value if isinstance(v, keras.Variable) else v
+
+
 class KerasTrainer(Trainer):
     """One ``tf.function`` training step for a fixed trainable set.
 
@@ -605,6 +646,10 @@ class KerasTrainer(Trainer):
     gradient) and applies the update only while it is clear (``tf.cond``); a refused step assigns the
     values the forward pass overwrote (:func:`written_variables`, read before it) back. The step
     returns the flag with the outputs, so :attr:`nonfinite` is set when the step returns.
+
+    The traced step takes all these variables as arguments and is shared by the trainers of every
+    model with the same :attr:`share` key (see the module); ``compilations`` counts this trainer's
+    own traces only.
     """
 
     def __init__(self, model: keras.Model, tensors: list, rng_vars: list, spec: TrainSpec,
@@ -621,7 +666,8 @@ class KerasTrainer(Trainer):
         if self.optimizer is not None:
             (self.scaler or self.optimizer).build(self.variables)
         self.jit_compile = jit_compile
-        self._fns: dict[tuple, object] = {}
+        self._steps: dict[tuple, Step] = {}
+        self._fns: dict[tuple, object] = {}  # their concrete functions
         self.guard = spec.guard
         if self.guard:
             with tf.init_scope():
@@ -646,6 +692,34 @@ class KerasTrainer(Trainer):
                     v.value.assign(tf.fill(v.shape, tf.cast(initial, v.dtype)))
 
             self._zero_state = tf.function(zero_state, input_signature=[], autograph=False)
+        #: every variable the step may read or write, in an order fixed by the structure: the step
+        #: takes them as arguments (it captures none), so its trace serves every model of the same
+        #: structure, trainable set and spec (:attr:`share`, see :meth:`step`)
+        owned = list(model.variables)
+        if self.optimizer is not None:
+            owned += [*self.optimizer.variables, *(self.scaler.variables if self.scaler is not None else ()),
+                      self.optimizer.group_lr]
+        if self.guard:
+            owned.append(self._flag)
+        self._state = list({id(v): v for v in map(_tf_variable, owned)}.values())
+        self._handles = [v.handle for v in self._state]
+        self._layout = tuple((tuple(v.shape), v.dtype) for v in self._state)
+        self.share = self._share_key(step_structure(model), rates)
+
+    def _share_key(self, structure: tuple | None, rates: list) -> tuple | None:
+        """What this trainer's step is traced from besides the model's variables: the model's
+        structure (:func:`shared.step_structure`), where the trainable, random-seed and restored
+        variables are among the step's arguments, the spec (:func:`shared_step_key`) and XLA.
+        None: the model's structure is not known, so its step is its own."""
+        if structure is None:
+            return None
+        index = {id(v): i for i, v in enumerate(self._state)}
+        try:
+            at = lambda vs: tuple(index[id(_tf_variable(v))] for v in vs)  # noqa: E731
+            where = (at(self.variables), at(v for _, v in self.rng_vars), at(self.written) if self.guard else ())
+        except KeyError:  # a variable outside the model's own list
+            return None
+        return (structure, where, *shared_step_key(self.spec, rates), self.jit_compile)
 
     def reset(self, seed: int) -> None:
         """Start a new run with this (possibly already compiled) step: zero optimizer state, step counts
@@ -730,24 +804,53 @@ class KerasTrainer(Trainer):
         self._dirty = True
         same = self._same_steps or not self.optimizer.uses_step if self.optimizer is not None else True
         key = (structure_key(x), y.shape[1:], y.dtype, w is None, same)
-        fn = self._fns.get(key)
-        if fn is None:  # one trace per per-sample shape (and with or without w): the batch size is free
-            if self.optimizer is not None:
-                self.optimizer.__dict__["same_steps"] = same  # read while tracing
-            signature = [signature_of(x), tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype))]
-            if w is not None:
-                signature.append(tf.TensorSpec((None,), tf.float32))
-            signature.append(tf.TensorSpec((), tf.float32))
-            # called as its concrete function: the signature is fixed, so the polymorphic function's
-            # dispatch (cache lookup, binding) would only add ~0.15 ms of Python per step
-            with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
-                train = self._train_step if w is not None else lambda x, y, lr: self._train_step(x, y, None, lr)
-                fn = tf.function(train, input_signature=signature, jit_compile=self.jit_compile,
-                                 autograph=False).get_concrete_function()
-            self._fns[key] = fn
+        step = self._steps.get(key)
+        if step is None:  # one trace per per-sample shape (and with or without w): the batch size is free
+            step = self._steps[key] = self._function(key, x, y, w, same)
+            self._fns[key] = step.fn
             with precision_errors(self.spec.precision):  # a missing kernel shows on the first run
-                return self._outputs(fn(*args))
-        return self._outputs(fn(*args))
+                return self._outputs(self._call(step, args))
+        return self._outputs(self._call(step, args))
+
+    def _call(self, step: Step, args: tuple):
+        """``step`` on the batch ``args`` and this trainer's variables, its inputs flattened here (the
+        batch's arrays as tensors of the traced dtypes, the variables as their handles)."""
+        tensors = [a if isinstance(a, tf.Tensor) else tf.convert_to_tensor(a, d)
+                   for a, d in zip(tf.nest.flatten(args), step.dtypes)]
+        return call_flat(step.fn, tensors + self._handles, (*args, self._state))
+
+    def _function(self, key: tuple, x: Any, y: np.ndarray, w: np.ndarray | None, same: bool) -> Step:
+        """The concrete step for ``key``: the one a model of the same structure traced (:attr:`share`),
+        else traced here (counted in :attr:`compilations`) and, when it captured no variable of this
+        model (all are arguments), kept for the models to come."""
+        share = None if self.share is None else ("keras_step", self.share, key)
+        if share is not None:
+            found = _STEPS.pop(share, None)
+            if found is not None:
+                _STEPS[share] = found  # most recently used last
+                if found.layout == self._layout:  # (the key implies it; checked: the handles go in unchecked)
+                    return found
+        if self.optimizer is not None:
+            self.optimizer.__dict__["same_steps"] = same  # read while tracing
+        signature = [signature_of(x), tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype))]
+        if w is not None:
+            signature.append(tf.TensorSpec((None,), tf.float32))
+        signature.append(tf.TensorSpec((), tf.float32))
+        # called as its concrete function with flat inputs (see _call): the signature is fixed, so the
+        # polymorphic function's dispatch (cache lookup, binding) would only add Python per step
+        with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
+            if w is not None:
+                train = lambda x, y, w, lr, state: self._train_step(x, y, w, lr)  # noqa: E731
+            else:
+                train = lambda x, y, lr, state: self._train_step(x, y, None, lr)  # noqa: E731
+            fn = tf.function(train, jit_compile=self.jit_compile, autograph=False).get_concrete_function(
+                *signature, self._state)
+        step = Step(fn, tuple(spec.dtype for spec in tf.nest.flatten(signature)), self._layout)
+        if share is not None and not fn.captured_inputs:
+            _STEPS[share] = step
+            while len(_STEPS) > MAX_STEPS:
+                _STEPS.pop(next(iter(_STEPS)))
+        return step
 
     def _outputs(self, result) -> np.ndarray:
         """The step's outputs as numpy; with the guard, :attr:`nonfinite` set from its flag."""

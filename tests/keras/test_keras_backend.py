@@ -225,6 +225,7 @@ def test_refreezing_after_unfreeze_reaches_keras_flags():
 
 
 def test_each_fit_traces_its_step_once_for_the_current_trainable_set():
+    ktrain.clear_cache()  # steps of its own (a model of the same structure traced before would share them)
     ft = reference_finetune("keras")
     x, y = sample_data(ft, n=40)  # 16 + 16 + 8: the short last batch must not retrace
     first = ft.fit(x, y, batch_size=16, progress=False, cache_features=False)
@@ -249,6 +250,7 @@ def test_reused_step_restarts_optimizer_state_and_seeds():
     warm.fit(x, y, **kw)
     start = tl.snapshot(warm)
     assert warm.fit(x, y, reset=True, **kw).info["compilations"] == 0
+    ktrain.clear_cache()  # a trace of its own: a model of the same structure would share warm's step
     fresh = reference_finetune("keras", tl.FreezePolicy.up_to("bn1"))
     fresh.load_state(start)
     assert fresh.fit(x, y, **kw).info["compilations"] == 1

@@ -23,6 +23,7 @@ try:  # the conftest imports torch before tensorflow, as one process needs
     import torch
 except ImportError:  # pragma: no cover
     torch = None
+from tlcore_keras import train as ktrain  # noqa: E402
 from tlcore_keras.train import KerasTrainer, SharedStepTrainer  # noqa: E402
 
 L = keras.layers
@@ -416,3 +417,44 @@ def test_frozen_tensors_stay_bit_identical_with_decay_and_multipliers():
     assert "conv1.kernel" in checked and "bn1.gamma" in checked
     state = ft._run.live[0].export_state()
     assert "conv1.kernel" not in state["slots"] and "conv2.kernel" in state["slots"]
+
+
+def test_a_second_model_of_the_same_structure_trains_a_3_stage_schedule_without_compiling(monkeypatch):
+    """Every stage's step (the cached head's, then the whole model's for each trainable set) is traced
+    once per process: a second model of the same structure traces none, in any stage, and trains bit
+    for bit as the first (AdamW with layer decay and a schedule, dropout 0.3 in the head, shuffled
+    batches of 8 with a shorter last one). Negative controls: another structure, or the same
+    structure unfrozen elsewhere, traces its own whole-model steps."""
+    traces = []  # KerasTrainer._train_step runs once per trace
+    monkeypatch.setattr(KerasTrainer, "_train_step", lambda self, *a, _step=KerasTrainer._train_step:
+                        traces.append(self) or _step(self, *a))
+
+    def fit(ft, where="bn1"):
+        plan = tl.UnfreezeSchedule([(0, tl.FreezePolicy.all()), (1, tl.FreezePolicy.up_to(where)),
+                                    (2, tl.FreezePolicy.none())])
+        opt = tl.optim.AdamW(lr=Cosine(peak_lr=1e-2, total_steps=9, warmup_steps=2), weight_decay=0.05,
+                             lr_mult=tl.LayerDecay(0.75, tl.LayerGroups.auto(ft)), no_decay="1d")
+        x, y = sample_data(ft, n=20)
+        before, head_traces = len(traces), ktrain._traces[0]
+        hist = ft.fit(x, y, epochs=3, batch_size=8, optimizer=opt, freeze=plan, seed=2, progress=False)
+        assert hist.info["cache_features"][0] == "used" and hist.info["cache_features"][1].startswith("refused")
+        return hist, len(traces) - before + ktrain._traces[0] - head_traces
+
+    ktrain.clear_cache()
+    first, second = reference_finetune("keras", dropout=0.3), reference_finetune("keras", dropout=0.3)
+    hist1, traced1 = fit(first)
+    assert traced1 == 3 and hist1.info["compilations"] == 1, "the head's step and two whole-model steps"
+    hist2, traced2 = fit(second)
+    assert traced2 == 0 and hist2.info["compilations"] == 0
+    assert tl.changed_tensors(first.state(), second.state()) == {}
+    assert hist1["loss"] == hist2["loss"] and hist1.info["lr_steps"] == hist2.info["lr_steps"]
+    for a, b in zip(first._run.live[0].export_state()["slots"].values(),
+                    second._run.live[0].export_state()["slots"].values()):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    other = tl.finetune(BACKEND.reference_model(0), cut=tl.LayerCut(at="relu2"),
+                        head=tl.Head.mlp(hidden=(6,), num_classes=3, dropout=0.3))  # a head 6 wide, not 8
+    assert fit(other)[1] == 3, "another structure: its own steps"
+    elsewhere = reference_finetune("keras", dropout=0.3)
+    hist, traced = fit(elsewhere, where="conv2")
+    assert traced == 1 and hist.info["compilations"] == 0, "another trainable set in stage 1 only"
