@@ -298,19 +298,38 @@ class FeatureCache(Source):
             self.folder = None
 
 
+def stacked(chunks: Iterator, n: int) -> np.ndarray:
+    """The ``n`` rows of ``chunks`` (arrays of rows, in order) in one array allocated at the first
+    chunk: each chunk is freed as soon as it is copied, so no small array outlives its batch (kept
+    until the end, they would pin the heap between the batches' large buffers and let it grow).
+
+    Example:
+        >>> stacked(iter([np.zeros((2, 3)), np.ones((1, 3))]), 3).sum()
+        np.float64(3.0)
+    """
+    out, at = None, 0
+    for chunk in chunks:
+        chunk = np.asarray(chunk)
+        if out is None:
+            out = np.empty((n, *chunk.shape[1:]), chunk.dtype)
+        out[at:at + len(chunk)] = chunk
+        at += len(chunk)
+    if out is None or at != n:
+        raise DataError(f"the feature pass gave {at} rows for {n} samples")
+    return out
+
+
 def cache_features(features, source: Source, rng: np.random.Generator, check, batch_size: int) -> Source:
     """The frozen features of ``source`` as a source for the head: arrays (shuffled as the original
     would be) for arrays, a :class:`FeatureCache` replaying a deterministic stream's order."""
     if type(source) is Arrays:
-        n = source.n
-        feats = np.concatenate([np.asarray(features(data.take(source.x, slice(i, i + batch_size))))
-                                for i in range(0, n, batch_size)])
-        return Arrays(feats, source.y, source.w, source.batch_size, source.shuffle)
+        chunks = (features(data.take(source.x, slice(i, i + batch_size))) for i in range(0, source.n, batch_size))
+        return Arrays(stacked(chunks, source.n), source.y, source.w, source.batch_size, source.shuffle)
     if isinstance(source, Arrays):  # converted batch by batch (tl.data.scale): in order, then shuffled per epoch
         ordered = copy.copy(source)
         ordered.shuffle, ordered.batch_size = False, batch_size
-        feats = np.concatenate([np.asarray(features(b.x)) for b in checked_batches(ordered, rng, check)])
-        return Arrays(feats, source.y, source.w, source.batch_size, source.shuffle)
+        chunks = (features(b.x) for b in checked_batches(ordered, rng, check))
+        return Arrays(stacked(chunks, source.n), source.y, source.w, source.batch_size, source.shuffle)
     cache = FeatureCache()
     for batch in checked_batches(source, rng, check):
         cache.add(Batch(np.asarray(features(batch.x)), batch.y, batch.w))
