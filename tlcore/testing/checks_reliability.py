@@ -239,10 +239,15 @@ def check_ctrl_c_stops_at_a_step_boundary(backend):
     x, y = sample_data(ft, n=64)
     start = ft.state()
     kw = dict(batch_size=8, shuffle=False, optimizer=tl.optim.Adam(lr=1e-3), progress=False, seed=0)
-    timer = threading.Timer(1.0, signal.raise_signal, (signal.SIGINT,))
-    timer.start()
+    timer = threading.Timer(0.05, signal.raise_signal, (signal.SIGINT,))
+
+    class CtrlCSoon(tl.callbacks.Callback):  # once training runs (a slow machine's first steps may take seconds)
+        def on_epoch_end(self, epoch, logs, model):
+            if epoch == 0:
+                timer.start()
+
     try:
-        ft.fit(x, y, epochs=10_000, **kw)
+        ft.fit(x, y, epochs=10_000, callbacks=[CtrlCSoon()], **kw)
     except KeyboardInterrupt:
         pass
     else:
