@@ -305,14 +305,20 @@ PEFT_CASES = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(PEFT_CASES))
-def test_outputs_match_hugging_face_peft(family):
+def peft_pair(family: str):
+    """A tiny Hugging Face model's copy (for tlcore) and the model itself under PEFT's LoRA (random A and B)."""
     peft = pytest.importorskip("peft", reason="peft is not installed")
     base = hf_model(family)
     ours_native = copy.deepcopy(base)
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, **PEFT_CASES[family])
     reference = peft.get_peft_model(base, config)
     reference.eval()
+    return ours_native, reference
+
+
+@pytest.mark.parametrize("family", sorted(PEFT_CASES))
+def test_outputs_match_hugging_face_peft(family):
+    ours_native, reference = peft_pair(family)
     x = tokens()
     with torch.no_grad():
         expected = reference(**{k: torch.from_numpy(v) for k, v in x.items()}).last_hidden_state.numpy()
@@ -336,7 +342,7 @@ def test_outputs_match_hugging_face_peft(family):
     for module, ab in found.items():
         t = targets[module]
         assert ab["A"].shape == (4, t.in_features) and ab["B"].shape == (t.out_features, 4)
-        m._add_lora(t, config.lora_alpha / config.r, 0.0, ab["A"], ab["B"])
+        m._add_lora(t, reference.peft_config["default"].lora_alpha / reference.peft_config["default"].r, 0.0, ab["A"], ab["B"])
     m._infos = None
     m._changed()
     m.freeze(ADAPTERS_ONLY)
@@ -385,12 +391,7 @@ def test_finetune_with_an_adapter_trains_only_adapters_and_head_then_merges_and_
 
 @pytest.mark.parametrize("family", sorted(PEFT_CASES))
 def test_a_saved_peft_adapter_loads_through_from_peft_with_the_same_outputs(family, tmp_path):
-    peft = pytest.importorskip("peft", reason="peft is not installed")
-    base = hf_model(family)
-    ours_native = copy.deepcopy(base)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, **PEFT_CASES[family])
-    reference = peft.get_peft_model(base, config)
-    reference.eval()
+    ours_native, reference = peft_pair(family)
     reference.save_pretrained(tmp_path)
     x = tokens(seed=1)
     with torch.no_grad():
