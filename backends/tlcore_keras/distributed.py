@@ -5,11 +5,13 @@ logical CPU devices).
 How. ``MirroredStrategy`` mirrors the variables created under its ``scope()``, but tlcore wraps models
 the user already built. So the step is pure, as :class:`~tlcore_keras.train.SharedStepTrainer`'s:
 :class:`MirroredTrainer` keeps on every replica's device its own copy of the trainable weights, the
-other variables (BatchNorm statistics, frozen weights, seed states) and the optimizer slots, as
-per-replica tensors; one ``tf.function`` runs ``strategy.run`` of a replica step that calls the model
-with Keras' ``stateless_call`` on the replica's copies and its shard of the global batch (replica
-``i`` takes rows ``[i * n / k, (i + 1) * n / k)``), and returns the new copies. The model's variables
-are read when a run starts or resumes and written back (from replica 0) by :meth:`finish`.
+other variables (BatchNorm statistics, frozen weights, seed states) and the optimizer slots, as plain
+lists of tensors, one per replica; one traced step, called with its inputs flat (no per-step
+matching of its many arguments), makes them per-replica values and runs ``strategy.run`` of a replica
+step that calls the model with Keras' ``stateless_call`` on the replica's copies and its shard of the
+global batch (replica ``i`` takes rows ``[i * n / k, (i + 1) * n / k)``), and returns the new copies.
+The model's variables are read when a run starts or resumes and written back (from replica 0) by
+:meth:`finish`.
 
 Loss and gradients. Each replica differentiates ``sum_shard w * l / D`` with ``D = sum_global w * d``
 (all-reduced, see ``tlcore.backend.Trainer.step``; the global batch size without weights), so the
@@ -48,7 +50,7 @@ from tlcore.distribute import DataParallel, Replicas
 from tlcore.errors import DistributedError
 from tlcore.optim import TrainSpec
 
-from ._keras import keras, tf
+from ._keras import call_flat, keras, tf
 from .inputs import structure_key
 from .train import (FLAG_OK, build_optimizer, clip_by_global_norm, dense, flag_name, guard_flag,
                     mixed_precision, param_rates, per_sample_loss, precision_errors, seed_rngs,
@@ -107,27 +109,33 @@ def strategy_for(strategy: DataParallel) -> tf.distribute.MirroredStrategy:
     return _STRATEGIES[devices]
 
 
-def broadcast(strategy: tf.distribute.Strategy, structure: Any) -> Any:
-    """``structure`` (tensors, nested) copied to every replica's device, as per-replica values."""
-    devices = strategy.extended.worker_devices
+def broadcast(strategy: tf.distribute.Strategy, structure: Any) -> list:
+    """``structure`` (tensors, nested) copied to every replica's device: one copy per replica, in
+    replica order (see :func:`per_replica`)."""
+    copies = []
+    for device in strategy.extended.worker_devices:
+        with tf.device(device):
+            copies.append(tf.nest.map_structure(tf.identity, structure))
+    return copies
 
-    def copy(ctx):
-        with tf.device(devices[ctx.replica_id_in_sync_group]):
-            return tf.nest.map_structure(tf.identity, structure)
-    return strategy.experimental_distribute_values_from_function(copy)
 
-
-def shard(strategy: tf.distribute.Strategy, structure: Any) -> Any:
-    """Each replica's rows of the numpy batch ``structure`` (nested arrays, None kept), per replica:
-    replica ``i`` takes rows ``[i * n / k, (i + 1) * n / k)`` (``n`` divisible by ``k``)."""
+def shard(strategy: tf.distribute.Strategy, structure: Any) -> list:
+    """Each replica's rows of the numpy batch ``structure`` (nested arrays) as tensors on its device,
+    in replica order: replica ``i`` takes rows ``[i * n / k, (i + 1) * n / k)`` (``n`` divisible by ``k``)."""
     devices, k = strategy.extended.worker_devices, strategy.num_replicas_in_sync
+    rows = []
+    for i, device in enumerate(devices):
+        with tf.device(device):
+            rows.append(tf.nest.map_structure(
+                lambda a: tf.convert_to_tensor(a[i * (len(a) // k):(i + 1) * (len(a) // k)]), structure))
+    return rows
 
-    def rows(ctx):
-        i = ctx.replica_id_in_sync_group
-        with tf.device(devices[i]):
-            return tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[i * (len(a) // k):(i + 1) * (len(a) // k)]),
-                                         structure)
-    return strategy.experimental_distribute_values_from_function(rows)
+
+def per_replica(strategy: tf.distribute.Strategy, copies: list) -> Any:
+    """The per-replica value (what ``strategy.run`` takes) of ``copies``, one structure per replica as
+    :func:`broadcast` and :func:`shard` make them. The state is kept between steps as such plain
+    lists (flat inputs and outputs of the compiled step) and made per-replica inside it."""
+    return strategy.experimental_distribute_values_from_function(lambda ctx: copies[ctx.replica_id_in_sync_group])
 
 
 def local(strategy: tf.distribute.Strategy, structure: Any) -> list:
@@ -182,7 +190,9 @@ class MirroredTrainer(Trainer):
         """Copy the model's values to every replica; with ``zero``, zero optimizer state too."""
         weights = [tf.convert_to_tensor(v) for v in self._trainable]
         states = [tf.convert_to_tensor(v) for v in self._non_trainable]
-        self.weights, self.states = broadcast(self.strategy, (weights, states))
+        #: per replica (in replica order): its copies of the trainable weights, the other variables
+        #: and the optimizer slots
+        self.weights, self.states = map(list, zip(*broadcast(self.strategy, (weights, states))))
         if zero:
             self.slots = broadcast(self.strategy, [{n: tf.zeros_like(w) for n in self.optimizer.slot_names()}
                                                    for w in weights])
@@ -203,7 +213,7 @@ class MirroredTrainer(Trainer):
 
     def finish(self) -> None:
         """Write replica 0's weights and the state the step writes back to the model's variables."""
-        weights, states = local(self.strategy, (self.weights, self.states))[0]
+        weights, states = self.weights[0], self.states[0]
         for var, value in zip(self._trainable, weights):
             var.assign(value)
         for i in self.synced + self.seeded:
@@ -213,7 +223,7 @@ class MirroredTrainer(Trainer):
         """Every replica's copies, in replica order: ``{"weights": [...], "states": [...], "slots":
         [{slot: array}]}`` (``model.trainable_variables``' and ``non_trainable_variables``' orders)."""
         out = []
-        for weights, states, slots in local(self.strategy, (self.weights, self.states, self.slots)):
+        for weights, states, slots in zip(self.weights, self.states, self.slots):
             out.append({"weights": [w.numpy() for w in weights], "states": [s.numpy() for s in states],
                         "slots": [{n: v.numpy() for n, v in s.items()} for s in slots]})
         return out
@@ -270,9 +280,12 @@ class MirroredTrainer(Trainer):
                                                                                   iteration))
         return (out, *new, group, tf.constant(FLAG_OK, tf.int32) if flag is None else flag)
 
-    def _function(self, x: Any, y: np.ndarray, weighted: bool):
+    def _function(self, x: Any, y: np.ndarray, weighted: bool, args: tuple):
+        """The concrete step for this batch structure and size, traced on ``args`` (the step's
+        arguments) the first time. It is called with its inputs flat (``call_flat``): the polymorphic
+        function's dispatch would match every replica's copy of every tensor on each step."""
         same = self._same_steps or not self.optimizer.uses_step
-        key = (structure_key(x), y.shape[1:], y.dtype.str, weighted, same)
+        key = (structure_key(x), y.shape, y.dtype.str, weighted, same)
         fn = self._fns.get(key)
         if fn is None:
             guard, strategy = self.spec.guard, self.strategy
@@ -281,14 +294,15 @@ class MirroredTrainer(Trainer):
                 self._traces += 1
                 step = lambda x, y, w, weights, states, slots: self._replica_step(  # noqa: E731
                     x, y, w, weights, states, slots, lr, iteration, offsets, flag if guard else None, same)
-                out, weights, states, slots, iteration, group, flag = strategy.run(
-                    step, args=(x, y, w, weights, states, slots))
-                outs = strategy.experimental_local_results(out)
+                args = tuple(None if v is None else per_replica(strategy, v) for v in (x, y, w, weights, states, slots))
+                out, weights, states, slots, iteration, group, flag = strategy.run(step, args=args)
+                copies = local(strategy, (weights, states, slots))
                 first = lambda v: strategy.experimental_local_results(v)[0]  # noqa: E731
                 # (identical on every replica: computed from all-reduced values)
-                return (tf.concat(outs, 0), weights, states, slots, first(iteration), first(group), first(flag))
+                return (tf.concat(strategy.experimental_local_results(out), 0), *map(list, zip(*copies)),
+                        first(iteration), first(group), first(flag))
 
-            fn = self._fns[key] = tf.function(run, autograph=False)
+            fn = self._fns[key] = tf.function(run, autograph=False).get_concrete_function(*args)
         return fn
 
     def step(self, x: Any, y: np.ndarray, w: np.ndarray | None = None, lr: float | None = None) -> np.ndarray:
@@ -300,14 +314,17 @@ class MirroredTrainer(Trainer):
         n = len(y)
         if n % self.count:
             raise DistributedError(f"a batch of {n} samples does not split over {self.count} replicas")
-        xs, ys, ws = shard(self.strategy, (x, y, w)) if w is not None else (*shard(self.strategy, (x, y)), None)
+        xs, ys = shard(self.strategy, x), shard(self.strategy, y)
+        ws = None if w is None else shard(self.strategy, w)
+        args = (xs, ys, ws, self.weights, self.states, self.slots, tf.constant(lr, tf.float32), self.iteration,
+                self.offsets, self.flag)
         before = self._traces
         with precision_errors(self.spec.precision), mixed_precision(self.model, self.spec.precision):
-            out, weights, states, slots, iteration, group, flag = self._function(x, y, w is not None)(
-                xs, ys, ws, self.weights, self.states, self.slots, tf.constant(lr, tf.float32), self.iteration,
-                self.offsets, self.flag)
+            fn = self._function(x, y, w is not None, args)
+            flat = [t for t in tf.nest.flatten(args) if t is not None]
+            out, weights, states, slots, iteration, group, flag = call_flat(fn, flat, args)
         self.compilations += self._traces - before
-        self.weights, self.states, self.slots = list(weights), list(states), list(slots)
+        self.weights, self.states, self.slots = weights, states, slots
         self.iteration, self.group_lr = iteration, group
         if self.spec.guard:
             self.flag = flag
@@ -319,7 +336,7 @@ class MirroredTrainer(Trainer):
     def export_state(self) -> dict:
         done = int(self.iteration.numpy())
         offsets = self.offsets.numpy()
-        slots0 = local(self.strategy, self.slots)[0]
+        slots0 = self.slots[0]
         slots: dict[str, dict] = {}
         steps: dict[str, int] = {}
         for i, t in enumerate(self.tensors):
@@ -365,7 +382,8 @@ def features(strategy: tf.distribute.Strategy, fn, variables: list, chunks: list
     run = _FEATURE_RUNS.pop((strategy, fn), None)
     if run is None:
         def split(batch, values):
-            return tf.concat(strategy.experimental_local_results(strategy.run(fn, args=(batch, values))), 0)
+            out = strategy.run(fn, args=(per_replica(strategy, batch), per_replica(strategy, values)))
+            return tf.concat(strategy.experimental_local_results(out), 0)
         run = tf.function(split, autograph=False)
     _FEATURE_RUNS[strategy, fn] = run  # most recently used last
     while len(_FEATURE_RUNS) > 16:
