@@ -15,10 +15,13 @@ How it runs:
   ``find_unused_parameters``. Each rank's loss is its shard's ``sum(w * l)`` over the *global*
   ``sum(w * d)``, times ``W``: DDP's gradient average is then exactly the global batch's gradient.
   Clipping sees the averaged gradient (DDP reduces inside ``backward``). The outputs of the whole
-  global batch are gathered in rank order (one ``all_gather``, started before ``backward`` so that it
-  overlaps DDP's reduction), so the core's loss, metrics and ``History`` are the same on every rank;
-  each rank's "my loss is not finite" flag rides along, so the non-finite guard makes the same
-  decision everywhere (the gradients and their norm are the averaged ones, the same everywhere).
+  global batch are gathered in rank order, so the core's loss, metrics and ``History`` are the same on
+  every rank; each rank's "my loss is not finite" flag rides along, so the non-finite guard makes the
+  same decision everywhere (the gradients and their norm are the averaged ones, the same everywhere).
+  The gathering costs no collective of its own: a DDP communication hook (:meth:`DataParallelTrainer.
+  _reduce_hook`) appends every rank's outputs, each in its own zeroed slot, to the last gradient
+  bucket's all-reduce (a sum: the slots arrive as a gather). A separate ``all_gather`` serves where no
+  bucket can carry them (nothing trainable, or gradients of another dtype).
 * **Frozen tensors never sync.** DDP is built with ``init_sync=False`` and ``forward_sync_buffers=False``;
   tlcore broadcasts only the trainable parameters (and trainable BatchNorm statistics) from rank 0 when
   a run starts or continues. A frozen BatchNorm runs in inference mode: never synced nor updated.
@@ -250,8 +253,11 @@ class DataParallelTrainer(TorchTrainer):
         self.ddp: nn.Module | None = None
         self._group: Any = None
         self._stepped = False  # a step since the last finish (trainable BatchNorm statistics to average)
-        self._pending: tuple | None = None  # this step's gathering of the outputs (see _gather_start)
-        self._result: tuple[torch.Tensor, bool] | None = None  # ... once it arrived
+        #: this step's outputs and loss flag, until a gradient bucket's all-reduce takes them along
+        self._payload: torch.Tensor | None = None
+        self._slots: torch.Tensor | None = None  # every rank's payload, once that all-reduce finished
+        self._pending: tuple | None = None  # a separate gathering of the payload (see _gather_start)
+        self._result: tuple[torch.Tensor, bool] | None = None  # the gathered outputs and flag
 
     def _wrap(self) -> None:
         """Wrap the module (once per process group) and start every rank from rank 0's trainable
@@ -259,9 +265,14 @@ class DataParallelTrainer(TorchTrainer):
         group = dist.group.WORLD
         if self._group is not group:
             check_same_trainables(self.named, self.world)
-            self.ddp = None if not self.params else nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device] if self.device.type == "cuda" else None,
-                init_sync=False, forward_sync_buffers=False)
+            self.ddp = None
+            if self.params:
+                self.ddp = nn.parallel.DistributedDataParallel(
+                    self.module, device_ids=[self.device] if self.device.type == "cuda" else None,
+                    init_sync=False, forward_sync_buffers=False)
+                # (unannotated: DDP checks a hook's annotations against its own classes, and this
+                # module's are strings)
+                self.ddp.register_comm_hook(None, lambda state, bucket: self._reduce_hook(bucket))
             self._group = group
         broadcast_from_rank0(self.params + self.written)
 
@@ -290,24 +301,51 @@ class DataParallelTrainer(TorchTrainer):
         wb = None if w is None else torch.from_numpy(w).to(self.device, non_blocking=True)
         out = out.float()
         loss = shard_loss(out, yb, wb, rows, self.world, self.spec.loss)
-        self._gather_start(out.detach(), loss.detach())
+        self._payload = torch.cat([out.detach().reshape(-1),
+                                   (~torch.isfinite(loss.detach())).to(out.dtype).reshape(1)])
+        self._shape, self._slots, self._pending, self._result = out.shape, None, None, None
+        if self.ddp is None:  # no gradient to reduce: the outputs travel on their own
+            self._gather_start()
         return out, loss
 
-    def _gather_start(self, out: torch.Tensor, loss: torch.Tensor) -> None:
-        """Start gathering every rank's outputs and whether its loss is finite (one collective, which
-        runs while ``backward`` reduces the gradients); :meth:`_gathered` waits for it."""
-        payload = torch.cat([out.reshape(-1), (~torch.isfinite(loss)).to(out.dtype).reshape(1)])
-        parts = [torch.empty_like(payload) for _ in range(self.world)]
-        self._pending = (dist.all_gather(parts, payload, async_op=True), parts, out.shape)
-        self._result = None
+    def _reduce_hook(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        """DDP's gradient reduction (its default hook's: divide by the world size, all-reduce the sum);
+        the last bucket of a step also carries this step's payload (outputs and loss flag) in this
+        rank's slot of ``world`` zeroed slots, so the sum is every rank's payload in rank order."""
+        grads = bucket.buffer()
+        grads.div_(self.world)
+        payload = self._payload
+        if not bucket.is_last() or payload is None or payload.dtype != grads.dtype:
+            return dist.all_reduce(grads, async_op=True).get_future().then(lambda fut: fut.value()[0])
+        self._payload = None
+        n, m = payload.numel(), grads.numel()
+        flat = torch.zeros(m + self.world * n, dtype=grads.dtype, device=grads.device)
+        flat[:m] = grads
+        flat[m + self.rank * n: m + (self.rank + 1) * n] = payload
+
+        def arrived(fut: torch.futures.Future) -> torch.Tensor:
+            whole = fut.value()[0]
+            self._slots = whole[m:]
+            return grads.copy_(whole[:m])
+        return dist.all_reduce(flat, async_op=True).get_future().then(arrived)
+
+    def _gather_start(self) -> None:
+        """Start gathering every rank's payload in a collective of its own; :meth:`_gathered` waits."""
+        parts = [torch.empty_like(self._payload) for _ in range(self.world)]
+        self._pending = (dist.all_gather(parts, self._payload, async_op=True), parts)
+        self._payload = None
 
     def _gathered(self) -> tuple[torch.Tensor, bool]:
         """The whole global batch's outputs (rank order) and whether any rank's loss is not finite."""
         if self._result is None:
-            work, parts, shape = self._pending
-            work.wait()
-            whole = torch.stack(parts)
-            self._result = whole[:, :-1].reshape(-1, *shape[1:]), bool(whole[:, -1].amax())
+            if self._slots is None:
+                if self._pending is None:  # no bucket carried the payload
+                    self._gather_start()
+                work, parts = self._pending
+                work.wait()
+                self._slots = torch.stack(parts)
+            whole = self._slots.reshape(self.world, -1)
+            self._result = whole[:, :-1].reshape(-1, *self._shape[1:]), bool(whole[:, -1].amax())
         return self._result
 
     def _nonfinite_now(self, loss: torch.Tensor, norm: torch.Tensor | None) -> str | None:
