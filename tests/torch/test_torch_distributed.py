@@ -54,7 +54,7 @@ def single() -> dict:
     """The same scenarios in this process on one device (no strategy)."""
     ft, hists, after_first = worker.sgd(None, progress=False)
     runs = {"sgd": (after_first, hists[:1]), "sgd2": (ft.state(), hists[1:])}
-    for name in ("adamw", "cached", "bn_trains", "diverges"):
+    for name in ("adamw", "cached", "bn_trains", "diverges", "resumed"):
         ft, hists = getattr(worker, name)(None)
         runs[name] = (ft.state(), hists)
     return runs
@@ -124,6 +124,27 @@ def test_history_is_the_same_on_every_rank(replicas, single):
             assert run.keys() == h.history.keys()
             for key, values in run.items():
                 assert values == pytest.approx(h.history[key], rel=1e-5), (name, key)
+
+
+def test_resume_under_torchrun_continues_the_run(replicas, single):
+    """A run checkpointed by rank 0, crashed after its first epoch and resumed with tl.resume on every
+    rank ends as the uninterrupted one-device run (weights, frozen state, History)."""
+    out, reports = replicas
+    want, (h,) = single["resumed"]
+    ranks = states(out, "resumed")
+    assert digest(ranks[0]) == digest(ranks[1])
+    start, mask = start_state(worker.FROZEN)
+    for k in start:
+        if mask[k]:
+            assert_close(ranks[0][k], want[k], k)
+            assert np.max(np.abs(ranks[0][k] - start[k])) > 1e-4, f"{k} did not train"  # negative control
+        else:
+            assert np.array_equal(ranks[0][k], start[k]), f"frozen {k} changed"
+    for rep in reports:
+        (run,) = rep["resumed"]
+        assert run["info"]["steps"] == h.info["steps"] == 6  # the run's steps: 3 before the crash, 3 after
+        assert len(run["history"]["loss"]) == 2
+        assert run["history"]["loss"] == pytest.approx(h.history["loss"], rel=1e-5)
 
 
 def test_only_rank0_writes_checkpoints_and_progress(replicas):

@@ -85,6 +85,38 @@ def diverges(strategy) -> tuple[tl.Model, list[tl.History]]:
     return ft, [h]
 
 
+class Crash(Exception):
+    """A simulated crash."""
+
+
+class CrashAtFirstEpochEnd(tl.callbacks.Callback):
+    """Crashes at the end of the first epoch (its last step checkpointed, the epoch's end not)."""
+
+    def on_epoch_end(self, epoch, logs, model):
+        raise Crash
+
+
+def resumed(strategy, folder: Path | None = None) -> tuple[tl.Model, list[tl.History]]:
+    """AdamW, 2 epochs of 3 shuffled steps. Without a strategy: the uninterrupted run. With one:
+    checkpointed every 3 steps into ``folder`` (rank 0 writes), crashed at the first epoch's end, then
+    ``tl.resume(folder)`` on every rank and the same fit again, which goes on from step 3."""
+    x, y = dataset()
+    kw = dict(epochs=2, batch_size=BATCH, optimizer=tl.optim.AdamW(lr=1e-2, weight_decay=0.05), seed=8,
+              progress=False, strategy=strategy)
+    if strategy is None:
+        ft = model(FROZEN)
+        return ft, [ft.fit(x, y, **kw)]
+    import torch.distributed as dist
+
+    try:
+        model(FROZEN).fit(x, y, checkpoint_dir=folder, checkpoint_every=3, callbacks=[CrashAtFirstEpochEnd()], **kw)
+    except Crash:
+        pass
+    dist.barrier()  # rank 0 has written the state every rank reads
+    ft = tl.resume(folder, model=tl.get_backend("torch").reference_model(seed=1).native)  # (its weights: the saved)
+    return ft, [ft.fit(x, y, checkpoint_dir=folder, **kw)]
+
+
 def rows(h: tl.History) -> dict:
     return {"history": h.history, "info": {k: h.info[k] for k in ("steps", "cache_features", "checkpoint_writes",
                                                                   "diverged") if k in h.info}}
@@ -135,6 +167,9 @@ def main(out: str) -> None:
     report["cached_rows"] = list(computed)
     if rank == 0:  # outside a fit, one rank alone: computed here, whole (a collective would hang)
         report["features_outside_fit"] = [ft_c.features(x).shape[0], computed[len(report["cached_rows"]):]]
+    ft, hists = resumed(dp, out_dir / "resumed")
+    np.savez(out_dir / f"resumed_rank{rank}.npz", **ft.state())
+    report["resumed"] = [rows(h) for h in hists]
     ft, hists = cached(dp)
     np.savez(out_dir / f"cached_rank{rank}.npz", **ft.state())
     report["cached"] = [rows(h) for h in hists]
