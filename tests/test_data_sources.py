@@ -47,6 +47,33 @@ def test_a_torch_dataloader_feeds_every_backend_exactly_as_arrays(backend):
     assert hist.info["cache_features"] == "off"
 
 
+class CountingBatches:
+    """A re-iterable source of (x, y) batches that counts how often it is started and read."""
+
+    def __init__(self, x, y, batch):
+        self.x, self.y, self.batch, self.started, self.read = x, y, batch, 0, 0
+
+    def __iter__(self):
+        self.started += 1
+        for i in range(0, len(self.x), self.batch):
+            self.read += 1
+            yield self.x[i:i + self.batch], self.y[i:i + self.batch]
+
+
+def test_a_loader_is_started_once_per_epoch_and_each_batch_read_once():
+    """The batch fit peeks at to check the data is the first of the first epoch, not read again by
+    a second iteration (which would start a loader's workers and its sampler's shuffle twice)."""
+    backend = selected_backends()[0]
+    x, y = data_for(backend)
+    source = CountingBatches(x, y, 8)
+    a, _ = fitted(backend, x, y)
+    b, hist = fitted(backend, source)
+    assert tl.changed_tensors(a.state(), b.state()) == {}
+    assert (source.started, source.read, hist.info["steps"]) == (2, 8, 8)
+    b.predict(source)
+    assert (source.started, source.read) == (3, 12)
+
+
 @needs_tf
 @pytest.mark.parametrize("backend", selected_backends())
 def test_a_tf_data_pipeline_feeds_every_backend_exactly_as_arrays(backend):

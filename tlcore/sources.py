@@ -132,7 +132,8 @@ class Stream(Source):
         self.make, self.name, self.steps_per_epoch, self.once = make, name, steps_per_epoch, once
         self.deterministic, self.scaled = deterministic, scaled
         self._iterator: Iterator | None = None
-        self._peeked: list = []
+        self._peeked: list = []  # the first batch, read by first(), and the iterator it came from
+        self._rest: Iterator | None = None
         self._structure: tuple | None = None
 
     @property
@@ -156,15 +157,14 @@ class Stream(Source):
                 raw = next(it)
             except StopIteration:
                 raise DataError(f"{self.name} yields no batch; it must give at least one") from None
-            self._peeked.append(raw)
+            self._peeked, self._rest = [raw], it
         return self._convert(self._peeked[0], 0)
 
     def batches(self, rng: np.random.Generator) -> Iterator[Batch]:
-        it = self._raw()
-        if self._peeked and self.once:  # a peeked batch of a one-pass source is the first of epoch 1
-            pending, self._peeked = self._peeked, []
-        else:
-            pending, self._peeked = [], []
+        # the epoch after a peek goes on with the peeked iterator: a loader is not started twice (its
+        # workers, its sampler's shuffle) and the peeked batch is not read twice
+        pending, it = (self._peeked, self._rest) if self._peeked else ([], self._raw())
+        self._peeked, self._rest = [], None
         count = 0
         for raw in _chain(pending, it):
             yield self._convert(raw, count)
