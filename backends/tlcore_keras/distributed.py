@@ -26,8 +26,10 @@ State the forward pass writes. A frozen layer (BatchNorm in inference mode, froz
 nothing: its tensors are never synchronised nor updated, and the step passes its input copies through
 unchanged. A BatchNorm that trains normalises by its replica's shard (as ``MirroredStrategy`` does with
 Keras' ``BatchNormalization``; ``BatchNormalization(synchronized=True)`` all-reduces the batch
-statistics instead) and its moving statistics are averaged over the replicas after each step (Keras'
-``aggregation="mean"``). A random layer draws on replica ``i`` from its seed state with the seed
+statistics instead); each replica updates its moving statistics from its shard, and they are averaged
+over the replicas when the trainer writes back (:meth:`MirroredTrainer.finish`, every epoch), as the
+torch backend does: the averages are linear, so that is the mean per-step averaging (Keras'
+``aggregation="mean"``) would give, with no collective per step. A random layer draws on replica ``i`` from its seed state with the seed
 XOR-ed with ``i * 0x9E3779B`` (replica 0 draws as one device does), so shards get independent masks.
 
 Precision: ``"float32"`` and ``"bfloat16"``; ``"float16"`` (Keras' dynamic loss scaling) raises
@@ -174,8 +176,8 @@ class MirroredTrainer(Trainer):
         index = {id(v): i for i, v in enumerate(self._non_trainable)}
         rng_ids = {id(v) for _, v in rng_vars}
         written = [v for v in written_variables(model, rng_vars, self._trainable) if id(v) in index]
-        #: indices (in ``non_trainable_variables``) of the state averaged over the replicas after a
-        #: step (a training BatchNorm's moving statistics) and of the random layers' seed states
+        #: indices (in ``non_trainable_variables``) of the state averaged over the replicas by
+        #: :meth:`finish` (a training BatchNorm's moving statistics) and of the random layers' seed states
         self.synced = [index[id(v)] for v in written if id(v) not in rng_ids and id(v) not in frozen]
         self.seeded = [index[id(v)] for v in written if id(v) in rng_ids]
         rates = param_rates(spec, [t.name for t in self.tensors], prefix)
@@ -212,7 +214,19 @@ class MirroredTrainer(Trainer):
         self._start(zero=False)
 
     def finish(self) -> None:
-        """Write replica 0's weights and the state the step writes back to the model's variables."""
+        """Write replica 0's weights and the state the step writes back to the model's variables; the
+        synced state (a training BatchNorm's moving statistics, which each replica updates from its
+        shard) is first averaged over the replicas, on every replica. Once per epoch rather than
+        after every step: the moving averages are linear in the batch statistics, so the mean of the
+        replicas' is the one per-step averaging would give (up to rounding), without a collective
+        per step."""
+        for i in self.synced:
+            copies = [states[i] for states in self.states]
+            if copies[0].dtype.is_floating:
+                mean = tf.add_n(copies) / len(copies)
+                for states, device in zip(self.states, self.strategy.extended.worker_devices):
+                    with tf.device(device):
+                        states[i] = tf.identity(mean)
         weights, states = self.weights[0], self.states[0]
         for var, value in zip(self._trainable, weights):
             var.assign(value)
@@ -266,10 +280,8 @@ class MirroredTrainer(Trainer):
         updated = [self.optimizer.rule(v, g, s, r) for v, g, s, r in zip(weights, grads, slots, rates)]
         new_weights, new_slots = [u[0] for u in updated], [u[1] for u in updated]
         kept = list(states)  # frozen and untouched state: the input copies themselves
-        if self.synced:
-            averaged = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [new_states[i] for i in self.synced])
-            for i, v in zip(self.synced, averaged):
-                kept[i] = v
+        for i in self.synced:  # each replica's own, averaged by finish()
+            kept[i] = new_states[i]
         for i in self.seeded:
             kept[i] = tf.bitwise.bitwise_xor(new_states[i], salts[i])
             states[i] = tf.bitwise.bitwise_xor(states[i], salts[i])

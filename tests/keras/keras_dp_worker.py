@@ -120,6 +120,16 @@ def main() -> dict:
         "synced": len(trainer.synced), "hashes": replicas(trainer),
         "trainable_rel": rel(sa, sb, [n for n, t in b.trainable_mask().items() if t])}
 
+    # bn1 trains behind the frozen conv1: the mean of the replicas' moving means (each from its shard)
+    # is the one-device moving mean (the moving variance is not: shard variances miss the spread)
+    a, b = model(tl.FreezePolicy.up_to("conv1", bn="train")), model(tl.FreezePolicy.up_to("conv1", bn="train"))
+    start = b.state()
+    a.fit(X, Y, optimizer=sgd, **FIT)
+    b.fit(X, Y, optimizer=sgd, strategy=DP, **FIT)
+    out["bn_mean"] = {"moved": not np.array_equal(b.state()["bn1.moving_mean"], start["bn1.moving_mean"]),
+                      "rel": rel(a.state(), b.state(), ["bn1.moving_mean"]),
+                      "variance_rel": rel(a.state(), b.state(), ["bn1.moving_variance"])}
+
     # feature caching: everything before the head frozen; each replica computes its shard's features
     a, b = model(tl.FreezePolicy.all()), model(tl.FreezePolicy.all())
     ha = a.fit(X, Y, optimizer=sgd, cache_features=True, **FIT)

@@ -77,6 +77,12 @@ def test_training_batchnorm_is_averaged_over_replicas(run):
     assert r["trainable_rel"] > 1e-3
 
 
+def test_averaged_moving_mean_is_the_one_device_one(run):
+    r = run["bn_mean"]
+    assert r["moved"] and r["rel"] < TOL
+    assert r["variance_rel"] > 1e-4  # negative control: the per-shard variances are not the global one
+
+
 def test_cached_features_and_head(run):
     r = run["cached"]
     assert r["cache"] == ["used", "used"] and r["count"] == 2
