@@ -29,8 +29,9 @@ Keras' ``BatchNormalization``; ``BatchNormalization(synchronized=True)`` all-red
 statistics instead); each replica updates its moving statistics from its shard, and they are averaged
 over the replicas when the trainer writes back (:meth:`MirroredTrainer.finish`, every epoch), as the
 torch backend does: the averages are linear, so that is the mean per-step averaging (Keras'
-``aggregation="mean"``) would give, with no collective per step. A random layer draws on replica ``i`` from its seed state with the seed
-XOR-ed with ``i * 0x9E3779B`` (replica 0 draws as one device does), so shards get independent masks.
+``aggregation="mean"``) would give, with no collective per step. A random layer draws on replica
+``i`` from its seed state with the seed XOR-ed with ``i * 0x9E3779B`` (replica 0 draws as one device
+does), so shards get independent masks.
 
 Precision: ``"float32"`` and ``"bfloat16"``; ``"float16"`` (Keras' dynamic loss scaling) raises
 :class:`tlcore.DistributedError`.
