@@ -73,7 +73,7 @@ class Native:
             workload = "bert"
             last = int(PARTIAL_UP_TO[workload].rsplit(".", 1)[1])
             depth = len(model.native.body.body.bert.encoder.layer)
-            trained = tuple(f"bert.encoder.layer.{i}." for i in range(last + 1, depth))
+            trained = (*(f"bert.encoder.layer.{i}." for i in range(last + 1, depth)), "bert.pooler.")
         for name, p in self.net.named_parameters():
             plain = name.replace("body.", "")
             p.requires_grad_(not frozen or plain.startswith(head) or plain.startswith(trained))
