@@ -259,14 +259,13 @@ class MirroredTrainer(Trainer):
             out, new_states, extra = self.model.stateless_call(weights, states, x, training=True, return_losses=True)
             out = tf.cast(out, tf.float32)
             per, d = per_sample_loss(out, y, self.spec.loss)
-            if w is None:
-                num = tf.reduce_sum(per)
-                den = tf.cast(tf.shape(per)[0], tf.float32) if d is None else tf.reduce_sum(d)
+            if w is None and d is None:  # the global batch size: the shards are equal, no collective
+                num, den = tf.reduce_sum(per), tf.cast(tf.shape(per)[0] * k, tf.float32)
             else:
-                w = tf.cast(w, tf.float32)
+                w = tf.ones_like(per) if w is None else tf.cast(w, tf.float32)
                 num = tf.reduce_sum(w * per)
-                den = tf.reduce_sum(w if d is None else w * d)
-            den = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(den))
+                den = tf.stop_gradient(tf.reduce_sum(w if d is None else w * d))
+                den = ctx.all_reduce(tf.distribute.ReduceOp.SUM, den)
             objective = num / den
             if extra:
                 objective = objective + tf.add_n([tf.cast(e, tf.float32) for e in extra]) / k
