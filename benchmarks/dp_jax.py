@@ -105,16 +105,9 @@ class NativeRun:
         self.params, self.rest = jax.device_put((params, rest), rep)
         self.opt_state = jax.jit(tx.init, out_shardings=rep)(self.params)
 
-        def step(params, rest, opt_state, x, y):
-            def loss_fn(p):
-                m = nnx.merge(graphdef, p, rest, copy=True)
-                loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-                return loss, nnx.state(m, nnx.Not(nnx.Param))
-            (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), rest, opt_state, loss
+        from benchmarks.native.jax_loop import functional_step
 
-        self.step = jax.jit(step, in_shardings=(rep, rep, rep, self.batch, self.batch),
+        self.step = jax.jit(functional_step(graphdef, tx), in_shardings=(rep, rep, rep, self.batch, self.batch),
                             out_shardings=(rep, rep, rep, rep))
 
     def epoch(self) -> None:

@@ -214,6 +214,8 @@ class JaxNative:
         import optax
         from flax import nnx
 
+        from benchmarks.native.jax_loop import functional_step
+
         class ScaledLoRA(nnx.Module):
             """A layer and an ``nnx.LoRA`` beside it: ``base(x) + scale * lora(x)``."""
 
@@ -246,19 +248,7 @@ class JaxNative:
         self.trainable_params = int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(self.params)))
         self.tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
         self.opt_state = self.tx.init(self.params)
-        tx = self.tx
-
-        @jax.jit
-        def step(params, rest, opt_state, x, y):
-            def loss_fn(p):
-                m = nnx.merge(graphdef, p, rest, copy=True)
-                loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-                return loss, nnx.state(m, nnx.Not(trainable))
-            (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), rest, opt_state, loss
-
-        self._step = step
+        self._step = jax.jit(functional_step(graphdef, self.tx, trainable))
 
     def train_epoch(self, x: np.ndarray, y: np.ndarray, batch: int) -> float:
         y = y.astype(np.int32)

@@ -29,6 +29,21 @@ def bn_view(module: nnx.Module, use_running_average: bool) -> nnx.Module:
     return module
 
 
+def functional_step(graphdef, tx, trainable=nnx.Param):
+    """The hand-written training step, not jitted yet (each loop jits it, with shardings or not):
+    cross-entropy of the model merged from ``graphdef`` and the state, gradients with respect to the
+    ``trainable`` part only, ``tx``'s update, the rest (BatchNorm statistics) threaded through."""
+    def step(params, rest, opt_state, x, y):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+            return loss, nnx.state(m, nnx.Not(trainable))
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, loss
+    return step
+
+
 class Native:
     def __init__(self, model, mode: str):
         frozen = mode in ("frozen", "frozen_clip")
@@ -44,15 +59,7 @@ class Native:
         self.opt_state = self.tx.init(self.params)
         eval_graphdef, _ = nnx.split(bn_view(model.native, True))
 
-        @jax.jit
-        def step(params, rest, opt_state, x, y):
-            def loss_fn(p):
-                m = nnx.merge(graphdef, p, rest, copy=True)
-                loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-                return loss, nnx.state(m, nnx.Not(trainable))
-            (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), rest, opt_state, loss
+        step = jax.jit(functional_step(graphdef, self.tx, trainable))
 
         @jax.jit
         def forward(params, rest, x):
@@ -109,16 +116,6 @@ class NativeRecipe:
         self.tx = optax.multi_transform(transforms, labels)
         self.opt_state = self.tx.init(self.params)
 
-        @jax.jit
-        def step(params, rest, opt_state, x, y):
-            def loss_fn(p):
-                m = nnx.merge(graphdef, p, rest, copy=True)
-                loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-                return loss, nnx.state(m, nnx.Not(nnx.Param))
-            (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), rest, opt_state, loss
-
-        self._step = step
+        self._step = jax.jit(functional_step(graphdef, self.tx))
 
     train_epoch = Native.train_epoch  # the same loop over the recipe's step
