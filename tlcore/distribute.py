@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from .errors import DataError, DistributedError, short_repr
 
-__all__ = ["DataParallel", "DistributedError", "Replicas", "check_batches"]
+__all__ = ["DataParallel", "DistributedError", "Replicas", "check_batches", "check_split"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,22 @@ def check_batches(batch_size: int, count: int, rows: int | None = None) -> None:
         raise DataError(f"the last batch of an epoch has {last} of the {rows} samples, which does not split over "
                         f"{count} replicas; use {rows - last} samples, or a batch_size that divides {rows} into "
                         f"batches of multiples of {count}")
+
+
+def check_split(n: int, count: int, what: str = "a batch") -> None:
+    """Refuse a batch of ``n`` samples (``what``: a stream's batch, whose size is known only once read)
+    that ``count`` replicas cannot split evenly.
+
+    Raises:
+        DataError: naming the batch and the replica count.
+
+    Example:
+        >>> check_split(6, 3)
+        >>> check_split(7, 2, "batch 3 of loader")
+        Traceback (most recent call last):
+        ...
+        tlcore.errors.DataError: batch 3 of loader: a batch of 7 samples does not split over 2 replicas; give ...
+    """
+    if n % count:
+        raise DataError(f"{what}: a batch of {n} samples does not split over {count} replicas; give batches of a "
+                        f"multiple of {count} samples")

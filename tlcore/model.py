@@ -521,12 +521,15 @@ class Model(ModelPrimitives):
         return sources.Arrays(xs, ys, ws, batch_size, shuffle)
 
     def _check_batch(self, batch: sources.Batch, index: int, spec: losses.LossSpec | None,
-                     where: str = "") -> sources.Batch:
-        """One batch of a stream, checked as arrays are (inputs, targets for ``spec``, weights)."""
+                     where: str = "", replicas: int = 1) -> sources.Batch:
+        """One batch of a stream, checked as arrays are (inputs, targets for ``spec``, weights, and
+        that it splits over ``replicas`` under a data-parallel strategy)."""
         what = f"batch {index}" + (f" of {where}" if where else "")
         x = data.as_inputs(batch.x, self.input_shape, f"x of {what}", hint=self.meta.get("input_hint", ""))
         self._check_inputs(x)
         n = data.num_samples(x)
+        if replicas > 1:
+            distribute.check_split(n, replicas, what)
         y = batch.y
         if spec is not None:
             if y is None:
@@ -704,7 +707,8 @@ class Model(ModelPrimitives):
                                     steps_per_epoch=steps_per_epoch)
         self._verify_native()
         self._loss = spec_loss
-        run = Run(spec, names, epochs, mode, lambda b, i: self._check_batch(b, i, spec_loss), on_nonfinite)
+        run = Run(spec, names, epochs, mode, lambda b, i: self._check_batch(b, i, spec_loss, replicas=replicas.count),
+                  on_nonfinite)
         if cache_features is True:
             for _, policy in stages[:1]:
                 refusal = self._cache_refusal(source, policy)

@@ -38,7 +38,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tlcore.data import Inputs, num_samples
 from tlcore.distribute import DataParallel, DistributedError, Replicas
-from tlcore.errors import DataError
 from tlcore.optim import TrainSpec
 
 from .freeze import Partition
@@ -226,25 +225,6 @@ def replica_hashes(value: jax.Array) -> list[bytes]:
     return [np.asarray(s.data).tobytes() for s in value.addressable_shards]
 
 
-def check_split(n: int, count: int) -> None:
-    """Refuse a batch of ``n`` samples that ``count`` replicas cannot split evenly (a stream's batch:
-    the core checks arrays before training).
-
-    Raises:
-        DataError: naming the batch and the replica count.
-
-    Example:
-        >>> check_split(6, 3)
-        >>> check_split(7, 2)
-        Traceback (most recent call last):
-        ...
-        tlcore.errors.DataError: a batch of 7 samples does not split over 2 replicas; give batches of ...
-    """
-    if n % count:
-        raise DataError(f"a batch of {n} samples does not split over {count} replicas; give batches of a multiple "
-                        f"of {count} samples")
-
-
 def _pad_rows(x: Inputs, pad: int) -> Inputs:
     """``x`` with its last sample repeated ``pad`` more times (an inference batch made divisible)."""
     return jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]), x)
@@ -322,7 +302,6 @@ class DataParallelTrainer(JaxTrainer):
             self._placed = True
 
     def _dispatch(self, x: Inputs, y: np.ndarray, w: np.ndarray | None, lr: np.float32) -> jax.Array:
-        check_split(num_samples(x), self.plan.count)
         self._place_state()
         lr = replicate(np.float32(lr), self.plan) if self.plan.multiprocess else lr
         return super()._dispatch(shard_batch(x, self.plan), shard_batch(y, self.plan), shard_batch(w, self.plan), lr)

@@ -323,9 +323,6 @@ class MirroredTrainer(Trainer):
         else:
             self._lr = lr
         x = self.to_inputs(x)
-        n = len(y)
-        if n % self.count:
-            raise DistributedError(f"a batch of {n} samples does not split over {self.count} replicas")
         xs, ys = shard(self.strategy, x), shard(self.strategy, y)
         ws = None if w is None else shard(self.strategy, w)
         args = (xs, ys, ws, self.weights, self.states, self.slots, tf.constant(lr, tf.float32), self.iteration,
