@@ -7,9 +7,8 @@ Example:
 """
 from __future__ import annotations
 
-import copy
-
 import contextlib
+import copy
 import logging
 import shutil
 import signal

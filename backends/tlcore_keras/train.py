@@ -667,7 +667,6 @@ class KerasTrainer(Trainer):
             (self.scaler or self.optimizer).build(self.variables)
         self.jit_compile = jit_compile
         self._steps: dict[tuple, Step] = {}
-        self._fns: dict[tuple, object] = {}  # their concrete functions
         self.guard = spec.guard
         if self.guard:
             with tf.init_scope():
@@ -807,7 +806,6 @@ class KerasTrainer(Trainer):
         step = self._steps.get(key)
         if step is None:  # one trace per per-sample shape (and with or without w): the batch size is free
             step = self._steps[key] = self._function(key, x, y, w, same)
-            self._fns[key] = step.fn
             with precision_errors(self.spec.precision):  # a missing kernel shows on the first run
                 return self._outputs(self._call(step, args))
         return self._outputs(self._call(step, args))

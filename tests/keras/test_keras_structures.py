@@ -366,7 +366,8 @@ def test_token_ids_stay_integers_and_a_subclassed_dict_model_pools_with_its_mask
 def step_dtypes(ft: tl.Model) -> set:
     """The dtypes computed by the compiled training step(s) of ``ft``'s last fit."""
     trainer = next(reversed(ft._trainers.values()))
-    return {out.dtype for fn in trainer._fns.values() for op in fn.graph.get_operations() for out in op.outputs}
+    return {out.dtype for step in trainer._steps.values() for op in step.fn.graph.get_operations()
+            for out in op.outputs}
 
 
 @pytest.mark.parametrize("precision, dtype", [("bfloat16", tf.bfloat16), ("float16", tf.float16)])
