@@ -137,7 +137,8 @@ def _worker(repeats: int, steps: int) -> list[dict]:
     rows = []
     for replicas in (1, DEVICES):
         ours, native = (statistics.median(times[(replicas, impl)]) for impl in ("tlcore", "native"))
-        rows.append({"backend": "jax", "replicas": replicas, "engine": f"sharded jit over {replicas} host device(s)", "global_batch": BATCH, "steps": steps,
+        rows.append({"backend": "jax", "replicas": replicas, "engine": f"sharded jit over {replicas} host device(s)",
+                     "global_batch": BATCH, "steps": steps,
                      "tlcore_ms": round(ours, 3), "native_ms": round(native, 3), "ratio": round(ours / native, 3),
                      "tlcore_min_ms": round(min(times[(replicas, "tlcore")]), 3),
                      "native_min_ms": round(min(times[(replicas, "native")]), 3)})

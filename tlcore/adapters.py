@@ -432,9 +432,10 @@ def load_adapter(base: Any, path: str | os.PathLike, head: Any = None) -> Model:
         ft._build_head(HeadPlan(head_spec, width))
     found = fingerprint(ft, ft._adapter.tensor_names())
     if found != expected:
+        what = "its weights" if cut is None else f"its weights, or the cut at {cut!r},"
         raise AdapterError(f"{shown!r} was trained on another base: its fingerprint is {expected[:12]}..., this "
-                           f"base's is {found[:12]}... (its weights{'' if cut is None else f', or the cut at {cut!r},'} differ); load it onto the "
-                           "model it was fine-tuned from, with the base weights it had when it was saved")
+                           f"base's is {found[:12]}... ({what} differ); load it onto the model it was fine-tuned "
+                           "from, with the base weights it had when it was saved")
     if head_name is not None and head_name != ft.head:
         raise AdapterError(f"{shown!r}: its head is named {head_name!r}, this fine-tune's is {ft.head!r}")
     ft.load_state(tensors, strict=False)

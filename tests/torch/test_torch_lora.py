@@ -342,7 +342,8 @@ def test_outputs_match_hugging_face_peft(family):
     for module, ab in found.items():
         t = targets[module]
         assert ab["A"].shape == (4, t.in_features) and ab["B"].shape == (t.out_features, 4)
-        m._add_lora(t, reference.peft_config["default"].lora_alpha / reference.peft_config["default"].r, 0.0, ab["A"], ab["B"])
+        config = reference.peft_config["default"]
+        m._add_lora(t, config.lora_alpha / config.r, 0.0, ab["A"], ab["B"])
     m._infos = None
     m._changed()
     m.freeze(ADAPTERS_ONLY)
