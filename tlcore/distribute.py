@@ -11,7 +11,7 @@ the order of floating-point sums. Frozen tensors are never synchronised nor upda
 Example:
     >>> import tlcore as tl
     >>> tl.distribute.DataParallel()
-    DataParallel(devices=None)
+    DataParallel(devices=None, engine=None)
     >>> tl.distribute.check_batches(64, 2, rows=1000)
     >>> tl.distribute.check_batches(63, 2)
     Traceback (most recent call last):
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .errors import DataError, DistributedError, short_repr
 
@@ -35,15 +35,38 @@ class DataParallel:
 
     ``devices``: how many local devices to use (JAX and TensorFlow; default all visible ones). Under
     ``torchrun`` the replicas are its processes and ``devices`` must be None.
+
+    ``engine``: the framework's own strategy object to run on instead of the default one; on Keras a
+    ``tf.distribute.MultiWorkerMirroredStrategy`` (several hosts: made at the start of every
+    process, with ``TF_CONFIG`` set, before TensorFlow runs anything) or a ``MirroredStrategy`` over
+    devices of your choice. PyTorch (torchrun's process group) and JAX (``jax.devices()``) take none.
     """
 
     devices: int | None = None
+    engine: Any = None
 
     def __post_init__(self) -> None:
         if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, numbers.Integral)
                                          or not 1 <= self.devices <= 4096):
             raise DistributedError(f"DataParallel(devices=...) takes None or a device count from 1 to 4096, got "
                                    f"{short_repr(self.devices)}")
+        if self.devices is not None and self.engine is not None:
+            raise DistributedError("DataParallel takes devices=... or engine=..., not both: an engine brings its own "
+                                   "devices")
+
+    def refuse_engine(self, backend: str, replicas: str) -> None:
+        """Raise unless ``engine`` is None, for a ``backend`` whose replicas are always ``replicas``.
+
+        Example:
+            >>> DataParallel(engine=object()).refuse_engine("torch", "torchrun's processes")
+            Traceback (most recent call last):
+            ...
+            tlcore.errors.DistributedError: DataParallel(engine=object) is for the keras backend ...
+        """
+        if self.engine is not None:
+            raise DistributedError(f"DataParallel(engine={type(self.engine).__name__}) is for the keras backend (a "
+                                   f"tf.distribute strategy); on {backend} the replicas are {replicas}: leave "
+                                   "engine=None")
 
 
 class Replicas(NamedTuple):

@@ -119,6 +119,7 @@ def strategy_devices(strategy: DataParallel) -> list[jax.Device]:
     """
     if not isinstance(strategy, DataParallel):
         raise DistributedError(f"the jax backend cannot run {strategy!r}; use tl.distribute.DataParallel()")
+    strategy.refuse_engine("jax", "jax.devices() (every process's after jax.distributed.initialize())")
     if strategy.devices is None:
         return list(jax.devices())
     k = strategy.devices

@@ -1,6 +1,8 @@
 """Data parallel on Keras: ``fit(..., strategy=tl.distribute.DataParallel())`` runs the training step
 under TensorFlow's ``tf.distribute.MirroredStrategy`` over the visible devices (the GPUs, else the
-logical CPU devices).
+logical CPU devices), or under the strategy given as ``DataParallel(engine=...)``: a
+``MultiWorkerMirroredStrategy`` for several hosts (made by the script at its start, from
+``TF_CONFIG``, as TensorFlow requires), or a ``MirroredStrategy`` of one's own.
 
 How. ``MirroredStrategy`` mirrors the variables created under its ``scope()``, but tlcore wraps models
 the user already built. So the step is pure, as :class:`~tlcore_keras.train.SharedStepTrainer`'s:
@@ -33,6 +35,11 @@ torch backend does: the averages are linear, so that is the mean per-step averag
 ``i`` from its seed state with the seed XOR-ed with ``i * 0x9E3779B`` (replica 0 draws as one device
 does), so shards get independent masks.
 
+Several hosts. Each process holds its own replicas' copies; the trainable values start from replica
+0's (an all-reduce in which the others add zeros, :func:`_from_first`), the outputs are all-gathered
+so every process computes the same ``History``, the moving statistics are averaged by a collective,
+and cached features are gathered from every host. Only the chief (``should_checkpoint``) is rank 0.
+
 Precision: ``"float32"`` and ``"bfloat16"``; ``"float16"`` (Keras' dynamic loss scaling) raises
 :class:`tlcore.DistributedError`.
 
@@ -43,6 +50,8 @@ Example:
 """
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -72,11 +81,23 @@ def visible_devices() -> list[str]:
 
 
 def replicas(strategy: DataParallel) -> Replicas:
-    """The replicas ``strategy`` runs on here: ``devices`` (default: every visible device).
+    """The replicas ``strategy`` runs on: ``devices`` of this host's (default: every visible device),
+    or every replica of its ``engine``; ``rank`` 0 on the process that checkpoints (the chief).
 
     Raises:
-        DistributedError: more devices asked for than TensorFlow sees.
+        DistributedError: more devices asked for than TensorFlow sees; an engine that is not a
+            mirrored strategy; a ``TF_CONFIG`` cluster of several tasks without an engine.
     """
+    if strategy.engine is not None:
+        engine = check_engine(strategy.engine)
+        ids = replica_ids(engine)
+        return Replicas(engine.num_replicas_in_sync, 0 if engine.extended.should_checkpoint else max(ids[0], 1))
+    tasks = cluster_tasks()
+    if tasks > 1:
+        raise DistributedError(
+            f"TF_CONFIG names a cluster of {tasks} tasks, but DataParallel() runs on this process's devices only "
+            "(each process would train alone): make tf.distribute.MultiWorkerMirroredStrategy() at the start of "
+            "every process, before TensorFlow runs anything, and pass it: DataParallel(engine=strategy)")
     devices = visible_devices()
     count = len(devices) if strategy.devices is None else strategy.devices
     if count > len(devices):
@@ -89,21 +110,58 @@ def replicas(strategy: DataParallel) -> Replicas:
     return Replicas(count, 0)
 
 
+def check_engine(engine: Any) -> tf.distribute.Strategy:
+    """``engine`` if tlcore can run on it (a ``MirroredStrategy`` or ``MultiWorkerMirroredStrategy``)."""
+    if not isinstance(engine, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        raise DistributedError(f"DataParallel(engine=...) on keras takes a tf.distribute.MirroredStrategy or "
+                               f"MultiWorkerMirroredStrategy, got {type(engine).__name__}")
+    return engine
+
+
+def cluster_tasks() -> int:
+    """How many chief and worker tasks ``TF_CONFIG`` names (0 without a readable one)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
+        return sum(len(cluster.get(kind) or ()) for kind in ("chief", "worker"))
+    except (ValueError, AttributeError, TypeError):
+        return 0
+
+
+_IDS: dict[int, tuple] = {}
+
+
+def replica_ids(strategy: tf.distribute.Strategy) -> tuple[int, ...]:
+    """The ids (``replica_id_in_sync_group``) of this process's replicas, in the order of
+    ``strategy.extended.worker_devices``: ``0 .. k-1`` on one host; this worker's share of them under
+    a ``MultiWorkerMirroredStrategy``."""
+    if id(strategy) not in _IDS:
+        ids = strategy.experimental_distribute_values_from_function(lambda ctx: ctx.replica_id_in_sync_group)
+        _IDS[id(strategy)] = (strategy, tuple(int(i) for i in strategy.experimental_local_results(ids)))
+    return _IDS[id(strategy)][1]
+
+
+def spread(strategy: tf.distribute.Strategy) -> bool:
+    """Whether some of ``strategy``'s replicas run in other processes (several hosts)."""
+    return len(replica_ids(strategy)) < strategy.num_replicas_in_sync
+
+
 _STRATEGIES: dict[tuple, Any] = {}
 
 #: collective group keys of tlcore's strategies start here (and 1000 apart), see :func:`strategy_for`
 KEY_BASE = 1 << 20
 
 
-def strategy_for(strategy: DataParallel) -> tf.distribute.MirroredStrategy:
-    """The ``MirroredStrategy`` over the first ``count`` visible devices (one per device set and
-    process).
+def strategy_for(strategy: DataParallel) -> tf.distribute.Strategy:
+    """The ``engine`` of ``strategy``, else the ``MirroredStrategy`` over the first ``count`` visible
+    devices (one per device set and process).
 
     Every ``MirroredStrategy`` numbers its collective operations (all-reduces) from the same keys, so
     two strategies on the same devices in one process, one of them the user's, would run collectives
     under the same keys and fail ("Shape mismatch in the collective instance"). tlcore's strategies
     take their keys from :data:`KEY_BASE` on instead (``_collective_key_base``, TensorFlow's own
     setting for that, read when the strategy is made)."""
+    if strategy.engine is not None:
+        return check_engine(strategy.engine)
     devices = tuple(visible_devices()[:replicas(strategy).count])
     if devices not in _STRATEGIES:
         keyed = type("TlcoreMirroredStrategy", (tf.distribute.MirroredStrategy,),
@@ -123,11 +181,12 @@ def broadcast(strategy: tf.distribute.Strategy, structure: Any) -> list:
 
 
 def shard(strategy: tf.distribute.Strategy, structure: Any) -> list:
-    """Each replica's rows of the numpy batch ``structure`` (nested arrays) as tensors on its device,
-    in replica order: replica ``i`` takes rows ``[i * n / k, (i + 1) * n / k)`` (``n`` divisible by ``k``)."""
+    """This process's replicas' rows of the numpy batch ``structure`` (nested arrays) as tensors on
+    their devices, in replica order: replica ``i`` (of ``k``, every host's) takes rows
+    ``[i * n / k, (i + 1) * n / k)`` (``n`` divisible by ``k``)."""
     devices, k = strategy.extended.worker_devices, strategy.num_replicas_in_sync
     rows = []
-    for i, device in enumerate(devices):
+    for i, device in zip(replica_ids(strategy), devices):
         with tf.device(device):
             rows.append(tf.nest.map_structure(
                 lambda a: tf.convert_to_tensor(a[i * (len(a) // k):(i + 1) * (len(a) // k)]), structure))
@@ -135,17 +194,49 @@ def shard(strategy: tf.distribute.Strategy, structure: Any) -> list:
 
 
 def per_replica(strategy: tf.distribute.Strategy, copies: list) -> Any:
-    """The per-replica value (what ``strategy.run`` takes) of ``copies``, one structure per replica as
-    :func:`broadcast` and :func:`shard` make them. The state is kept between steps as such plain
-    lists (flat inputs and outputs of the compiled step) and made per-replica inside it."""
-    return strategy.experimental_distribute_values_from_function(lambda ctx: copies[ctx.replica_id_in_sync_group])
+    """The per-replica value (what ``strategy.run`` takes) of ``copies``, one structure per local
+    replica as :func:`broadcast` and :func:`shard` make them. The state is kept between steps as such
+    plain lists (flat inputs and outputs of the compiled step) and made per-replica inside it; across
+    hosts each copy is placed on its device (a collective between hosts needs its inputs placed)."""
+    ids, devices, placed = replica_ids(strategy), strategy.extended.worker_devices, spread(strategy)
+
+    def value(ctx):
+        i = ids.index(ctx.replica_id_in_sync_group)
+        if not placed:
+            return copies[i]
+        with tf.device(devices[i]):
+            return tf.nest.map_structure(tf.identity, copies[i])
+
+    return strategy.experimental_distribute_values_from_function(value)
 
 
 def local(strategy: tf.distribute.Strategy, structure: Any) -> list:
-    """Every replica's value of the per-replica ``structure``, in replica order."""
-    k = strategy.num_replicas_in_sync
+    """This process's replicas' values of the per-replica ``structure``, in replica order."""
     flat = [strategy.experimental_local_results(v) for v in tf.nest.flatten(structure)]
-    return [tf.nest.pack_sequence_as(structure, [f[i] for f in flat]) for i in range(k)]
+    return [tf.nest.pack_sequence_as(structure, [f[i] for f in flat]) for i in range(len(replica_ids(strategy)))]
+
+
+def collective(strategy: tf.distribute.Strategy, fn: Callable) -> Callable[[list], list]:
+    """A traced function of every local replica's copies (one structure per replica, as
+    :func:`broadcast` makes them) that runs ``fn(replica context, copy)`` on each replica (every
+    host's at once) and returns the new copies."""
+    def run(copies):
+        out = strategy.run(lambda v: fn(tf.distribute.get_replica_context(), v), args=(per_replica(strategy, copies),))
+        return local(strategy, out)
+
+    return tf.function(run, autograph=False)
+
+
+def _mean(ctx, values: list) -> list:
+    """The mean of ``values`` over the replicas."""
+    return [t / ctx.num_replicas_in_sync for t in ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)]
+
+
+def _from_first(ctx, values: Any) -> Any:
+    """Replica 0's ``values`` on every replica (an all-reduce in which the others add zeros: exact)."""
+    first = tf.equal(ctx.replica_id_in_sync_group, 0)
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                          tf.nest.map_structure(lambda t: tf.where(first, t, tf.zeros_like(t)), values))
 
 
 class MirroredTrainer(Trainer):
@@ -170,6 +261,9 @@ class MirroredTrainer(Trainer):
         self.model, self.spec, self.rng_vars, self.to_inputs = model, spec, rng_vars, to_inputs
         self.strategy = strategy_for(spec.strategy)
         self.count = self.strategy.num_replicas_in_sync
+        #: some replicas run on other hosts: the outputs are gathered, the trainable values start from replica 0's
+        self.spread = spread(self.strategy)
+        self._collectives: dict[str, Any] = {}
         self._trainable = list(model.trainable_variables)  # stateless_call's order
         self._non_trainable = list(model.non_trainable_variables)
         by_id = {id(t.variable): t for t in tensors}
@@ -196,6 +290,14 @@ class MirroredTrainer(Trainer):
         #: per replica (in replica order): its copies of the trainable weights, the other variables
         #: and the optimizer slots
         self.weights, self.states = map(list, zip(*broadcast(self.strategy, (weights, states))))
+        if self.spread:  # every host's replicas start from replica 0's trainable values (as DDP's broadcast)
+            floats = self._float_synced()
+            firsts = self._collective("first", _from_first)([(w, [st[i] for i in floats])
+                                                            for w, st in zip(self.weights, self.states)])
+            for r, (w, values) in enumerate(firsts):
+                self.weights[r] = list(w)
+                for i, v in zip(floats, values):
+                    self.states[r][i] = v
         if zero:
             self.slots = broadcast(self.strategy, [{n: tf.zeros_like(w) for n in self.optimizer.slot_names()}
                                                    for w in weights])
@@ -221,21 +323,30 @@ class MirroredTrainer(Trainer):
         after every step: the moving averages are linear in the batch statistics, so the mean of the
         replicas' is the one per-step averaging would give (up to rounding), without a collective
         per step."""
-        for i in self.synced:
-            copies = [states[i] for states in self.states]
-            if copies[0].dtype.is_floating:
-                mean = tf.add_n(copies) / len(copies)
-                for states, device in zip(self.states, self.strategy.extended.worker_devices):
-                    with tf.device(device):
-                        states[i] = tf.identity(mean)
+        floats = self._float_synced()
+        if floats:
+            means = self._collective("mean", _mean)([[states[i] for i in floats] for states in self.states])
+            for states, values in zip(self.states, means):
+                for i, v in zip(floats, values):
+                    states[i] = v
         weights, states = self.weights[0], self.states[0]
         for var, value in zip(self._trainable, weights):
             var.assign(value)
         for i in self.synced + self.seeded:
             self._non_trainable[i].assign(states[i])
 
+    def _float_synced(self) -> list[int]:
+        return [i for i in self.synced if self.states[0][i].dtype.is_floating] if self.count > 1 else []
+
+    def _collective(self, name: str, fn: Callable) -> Callable[[list], list]:
+        """``fn(replica context, values)`` run on every replica, traced once per trainer (see
+        :func:`collective`)."""
+        if name not in self._collectives:
+            self._collectives[name] = collective(self.strategy, fn)
+        return self._collectives[name]
+
     def replica_values(self) -> list[dict[str, list[np.ndarray]]]:
-        """Every replica's copies, in replica order: ``{"weights": [...], "states": [...], "slots":
+        """This process's replicas' copies, in replica order: ``{"weights": [...], "states": [...], "slots":
         [{slot: array}]}`` (``model.trainable_variables``' and ``non_trainable_variables``' orders)."""
         out = []
         for weights, states, slots in zip(self.weights, self.states, self.slots):
@@ -272,6 +383,8 @@ class MirroredTrainer(Trainer):
         grads = dense(tape.gradient(objective, weights))
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, weights)]
         grads, loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, (grads, objective))
+        if self.spread:  # every host's outputs, for the same History everywhere
+            out = ctx.all_gather(out, 0)
         if flag is not None:
             flag = guard_flag(flag, loss, grads)
         if self.spec.clip_grad_norm is not None:
@@ -310,9 +423,9 @@ class MirroredTrainer(Trainer):
                 out, weights, states, slots, iteration, group, flag = strategy.run(step, args=args)
                 copies = local(strategy, (weights, states, slots))
                 first = lambda v: strategy.experimental_local_results(v)[0]  # noqa: E731
-                # (identical on every replica: computed from all-reduced values)
-                return (tf.concat(strategy.experimental_local_results(out), 0), *map(list, zip(*copies)),
-                        first(iteration), first(group), first(flag))
+                # (identical on every replica: computed from all-reduced values; out gathered when spread)
+                out = first(out) if self.spread else tf.concat(strategy.experimental_local_results(out), 0)
+                return (out, *map(list, zip(*copies)), first(iteration), first(group), first(flag))
 
             fn = self._fns[key] = tf.function(run, autograph=False).get_concrete_function(*args)
         return fn
@@ -386,13 +499,18 @@ def features(strategy: tf.distribute.Strategy, fn, variables: list, chunks: list
     """``fn(batch, values)`` (a feature function, see ``KerasModel._feature_function``) on every batch
     of ``chunks`` (model inputs), each split over the replicas (padded with its last row to a
     multiple of the replica count, the padding dropped after)."""
-    k = strategy.num_replicas_in_sync
+    k, gather = strategy.num_replicas_in_sync, spread(strategy)
     values = broadcast(strategy, [tf.convert_to_tensor(v) for v in variables])  # read once for all chunks
     run = _FEATURE_RUNS.pop((strategy, fn), None)
     if run is None:
+        def shard_features(batch, values):  # every host's rows when spread
+            out = fn(batch, values)
+            return tf.distribute.get_replica_context().all_gather(out, 0) if gather else out
+
         def split(batch, values):
-            out = strategy.run(fn, args=(per_replica(strategy, batch), per_replica(strategy, values)))
-            return tf.concat(strategy.experimental_local_results(out), 0)
+            out = strategy.run(shard_features, args=(per_replica(strategy, batch), per_replica(strategy, values)))
+            out = strategy.experimental_local_results(out)
+            return out[0] if gather else tf.concat(out, 0)
         run = tf.function(split, autograph=False)
     _FEATURE_RUNS[strategy, fn] = run  # most recently used last
     while len(_FEATURE_RUNS) > 16:

@@ -228,8 +228,9 @@ class KerasModel(Model):
 
     def _replicas(self, strategy: Any):
         """``tl.distribute.DataParallel(devices=k)``: ``k`` (default: all) of the visible logical
-        devices, the GPUs or else the CPUs, under a ``tf.distribute.MirroredStrategy`` (see
-        :mod:`.distributed`); more than TensorFlow sees raises :class:`tlcore.DistributedError`."""
+        devices, the GPUs or else the CPUs, under a ``tf.distribute.MirroredStrategy``, or every
+        replica of ``engine`` (see :mod:`.distributed`); more than TensorFlow sees raises
+        :class:`tlcore.DistributedError`."""
         return distributed.replicas(strategy)
 
     def _make_trainer(self, spec: TrainSpec) -> Trainer:

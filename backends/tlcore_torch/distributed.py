@@ -112,6 +112,7 @@ def replicas(strategy: DataParallel, device: torch.device) -> Replicas:
         DistributedError: no process group and not under ``torchrun``; ``devices`` other than the
             group's size; a CPU model under an NCCL group.
     """
+    strategy.refuse_engine("torch", "the processes torchrun starts")
     if not ensure_process_group(device):
         if strategy.devices == 1:
             return Replicas(1, 0)  # one device asked for, outside torchrun: the single-device fit

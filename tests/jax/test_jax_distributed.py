@@ -223,3 +223,13 @@ def test_more_devices_than_there_are_is_a_distributed_error_naming_the_flag():
     with pytest.raises(tl.DistributedError, match=r"JAX sees 1 cpu device.*xla_force_host_platform_device_count=2"):
         ft.fit(x, y, batch_size=16, progress=False, strategy=tl.distribute.DataParallel(devices=2))
     assert np.all([not isinstance(t, DataParallelTrainer) for t in ft._trainers.values()])
+
+
+def test_an_engine_is_refused_naming_what_jax_runs_on():
+    ft = tl.finetune(tl.get_backend("jax").reference_model(seed=0), cut=tl.LayerCut(drop_last=1),
+                     head=tl.Head.linear(3))
+    x, y = sample_data(ft, n=16)
+    before = ft.state()
+    with pytest.raises(tl.DistributedError, match=r"engine=object\) is for the keras backend .*jax.devices\(\)"):
+        ft.fit(x, y, batch_size=16, progress=False, strategy=tl.distribute.DataParallel(engine=object()))
+    assert all(np.array_equal(before[n], v) for n, v in ft.state().items())

@@ -107,6 +107,15 @@ def main() -> dict:
     out["one_device_identical"] = all(np.array_equal(sa[n], sb[n]) for n in sa)
     out["one_device_trainer"] = [type(t).__name__ for t in b._trainers.values()]
 
+    # the user's own MirroredStrategy as the engine: the same step as DataParallel()'s, bit for bit
+    a, b = model(FROZEN_BN), model(FROZEN_BN)
+    a.fit(X, Y, optimizer=adamw, strategy=DP, **FIT)
+    mine = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    b.fit(X, Y, optimizer=adamw, strategy=tl.distribute.DataParallel(engine=mine), **FIT)
+    sa, sb = a.state(), b.state()
+    out["engine"] = {"identical": all(np.array_equal(sa[n], sb[n]) for n in sa),
+                     "count": [t.count for t in trainers(b)], "runs_on_it": [t.strategy is mine for t in trainers(b)]}
+
     # a BatchNorm that trains: its statistics move, are averaged over the replicas (identical copies);
     # negative control of the comparison: per-shard batch statistics do not give the 1-device result
     a, b = model(tl.FreezePolicy.none()), model(tl.FreezePolicy.none())

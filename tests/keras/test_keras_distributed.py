@@ -70,6 +70,10 @@ def test_one_device_is_the_single_device_path(run):
     assert run["one_device_trainer"] == ["KerasTrainer"]
 
 
+def test_a_mirrored_strategy_of_ones_own_is_the_engine(run):
+    assert run["engine"] == {"identical": True, "count": [2], "runs_on_it": [True]}
+
+
 def test_training_batchnorm_is_averaged_over_replicas(run):
     r = run["bn_train"]
     assert r["stats_moved"] and r["synced"] == 4 and identical(r["hashes"])

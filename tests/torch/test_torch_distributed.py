@@ -217,6 +217,8 @@ def test_without_a_process_group(monkeypatch):
     before = ft.state()
     with pytest.raises(tl.DistributedError, match="torchrun"):
         ft.fit(x, y, batch_size=16, strategy=tl.distribute.DataParallel())
+    with pytest.raises(tl.DistributedError, match=r"engine=object\) is for the keras backend .* leave engine=None"):
+        ft.fit(x, y, batch_size=16, strategy=tl.distribute.DataParallel(engine=object()))
     assert all(np.array_equal(before[k], v) for k, v in ft.state().items())
     assert not torch.distributed.is_initialized()
     # one device asked for: the single-device fit itself
