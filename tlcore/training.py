@@ -84,9 +84,8 @@ class Progress:
 
 def checked_batches(source: Source, rng: np.random.Generator, check) -> Iterator[Batch]:
     """The source's batches for one epoch, each checked by ``check(batch, index)`` (targets converted),
-    read ahead in a background thread."""
-    for i, batch in enumerate(prefetch(source.batches(rng))):
-        yield check(batch, i)
+    read and checked ahead in a background thread (an error reaches the consumer at its batch)."""
+    return prefetch(check(batch, i) for i, batch in enumerate(source.batches(rng)))
 
 
 class LearningRates:
