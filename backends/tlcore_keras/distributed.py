@@ -292,8 +292,8 @@ class MirroredTrainer(Trainer):
         self.weights, self.states = map(list, zip(*broadcast(self.strategy, (weights, states))))
         if self.spread:  # every host's replicas start from replica 0's trainable values (as DDP's broadcast)
             floats = self._float_synced()
-            firsts = self._collective("first", _from_first)([(w, [st[i] for i in floats])
-                                                            for w, st in zip(self.weights, self.states)])
+            firsts = self._collective("first", _from_first, [(w, [st[i] for i in floats])
+                                                             for w, st in zip(self.weights, self.states)])
             for r, (w, values) in enumerate(firsts):
                 self.weights[r] = list(w)
                 for i, v in zip(floats, values):
@@ -325,7 +325,7 @@ class MirroredTrainer(Trainer):
         per step."""
         floats = self._float_synced()
         if floats:
-            means = self._collective("mean", _mean)([[states[i] for i in floats] for states in self.states])
+            means = self._collective("mean", _mean, [[states[i] for i in floats] for states in self.states])
             for states, values in zip(self.states, means):
                 for i, v in zip(floats, values):
                     states[i] = v
@@ -338,12 +338,13 @@ class MirroredTrainer(Trainer):
     def _float_synced(self) -> list[int]:
         return [i for i in self.synced if self.states[0][i].dtype.is_floating] if self.count > 1 else []
 
-    def _collective(self, name: str, fn: Callable) -> Callable[[list], list]:
-        """``fn(replica context, values)`` run on every replica, traced once per trainer (see
-        :func:`collective`)."""
+    def _collective(self, name: str, fn: Callable, copies: list) -> list:
+        """``fn(replica context, values)`` run on every replica on ``copies`` (see :func:`collective`),
+        traced once per trainer as a concrete function (called once per fit or epoch, a polymorphic
+        function would warn of retracing as new trainers trace it)."""
         if name not in self._collectives:
-            self._collectives[name] = collective(self.strategy, fn)
-        return self._collectives[name]
+            self._collectives[name] = collective(self.strategy, fn).get_concrete_function(copies)
+        return self._collectives[name](copies)
 
     def replica_values(self) -> list[dict[str, list[np.ndarray]]]:
         """This process's replicas' copies, in replica order: ``{"weights": [...], "states": [...], "slots":

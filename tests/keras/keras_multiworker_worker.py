@@ -72,6 +72,45 @@ def compare(freeze, opt, clip=None, checkpoint: dict | None = None, **kw) -> dic
             "trainers": len(trainer), "state": digest(b, [n for n in b if "moving" in n])}
 
 
+class Crash(Exception):
+    """A simulated crash."""
+
+
+class CrashAtFirstEpochEnd(tl.callbacks.Callback):
+    """Crashes at the end of the first epoch (its last step checkpointed, the epoch's end not)."""
+
+    def on_epoch_end(self, epoch, logs, model):
+        raise Crash
+
+
+def barrier() -> None:
+    """Every worker reaches this point before any goes on (an all-reduce of a constant)."""
+    ENGINE.reduce("SUM", ENGINE.run(lambda: tf.constant(1.0)), axis=None).numpy()
+
+
+def resumed(folder: Path) -> dict:
+    """2 shuffled epochs of 3 steps, AdamW: uninterrupted on one device, against a data-parallel run
+    checkpointed every 3 steps into the shared ``folder`` (the chief writes), crashed at the first
+    epoch's end on every worker, and continued by ``tl.resume(folder)`` on every worker."""
+    kw = dict(epochs=2, batch_size=16, optimizer=tl.optim.AdamW(lr=1e-2, weight_decay=0.05), seed=8,
+              progress=False)
+    one = model(FROZEN_BN)
+    want = one.fit(X, Y, **kw)
+    try:
+        model(FROZEN_BN, seed=INDEX).fit(X, Y, strategy=DP, checkpoint_dir=folder, checkpoint_every=3,
+                                         callbacks=[CrashAtFirstEpochEnd()], **kw)
+    except Crash:
+        pass
+    barrier()  # the chief has written the state every worker reads
+    ft = tl.resume(folder, model=BACKEND.reference_model(seed=1).native)  # (its weights: the saved ones)
+    hist = ft.fit(X, Y, strategy=DP, checkpoint_dir=folder, **kw)
+    a, b = one.state(), ft.state()
+    trained = [n for n, t in ft.trainable_mask().items() if t]
+    return {"trainable_rel": rel(a, b, trained), "end": digest(b, trained), "steps": hist.info["steps"],
+            "frozen_identical": all(np.array_equal(a[n], b[n]) for n in b if n not in trained),
+            "loss": hist["loss"], "one_loss": want["loss"]}
+
+
 def main() -> dict:
     out: dict = {"count": ENGINE.num_replicas_in_sync, "ids": list(replica_ids(ENGINE))}
     sgd, adamw = tl.optim.SGD(lr=0.1, momentum=0.9), tl.optim.AdamW(lr=0.01, weight_decay=0.05)
@@ -80,6 +119,7 @@ def main() -> dict:
     out["adamw_clip"] = compare(FROZEN_BN, adamw, clip=0.05)
     out["bn_train"] = compare(tl.FreezePolicy.up_to("conv1", bn="train"), sgd)
     out["cached"] = compare(tl.FreezePolicy.all(), sgd, cache_features=True)
+    out["resumed"] = resumed(FOLDER.parent / "shared")
     try:  # a cluster without the engine: refused, before training
         model(FROZEN_BN).fit(X, Y, optimizer=sgd, strategy=tl.distribute.DataParallel(), **FIT)
         out["no_engine"] = "no error"

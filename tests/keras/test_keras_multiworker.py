@@ -5,7 +5,8 @@ over gRPC as between hosts: 3 steps at a global batch of 16 against one device o
 order (trainable weights within 1e-5), both workers ending on the same weights although worker 1
 drew its head from another seed (the broadcast from replica 0), the same ``History`` on both, frozen
 tensors bit-identical, a training BatchNorm's moving mean averaged over the hosts, cached features
-gathered from both, only the chief writing checkpoints, and a cluster without the engine refused."""
+gathered from both, only the chief writing checkpoints, ``tl.resume`` on every worker from the chief's
+checkpoint, and a cluster without the engine refused."""
 import json
 import os
 import socket
@@ -97,6 +98,17 @@ def test_a_training_batchnorm_is_averaged_over_the_hosts(workers):
 def test_only_the_chief_writes_checkpoints(workers):
     assert workers[0]["files"] == ["train_state.safetensors"]
     assert workers[1]["files"] == []
+
+
+def test_resume_on_every_worker_continues_the_run(workers):
+    """Checkpointed by the chief into a shared folder, crashed after the first epoch on every worker,
+    resumed with tl.resume on each: ends as the uninterrupted 1-device run."""
+    a, b = (w["resumed"] for w in workers)
+    assert a["end"] == b["end"] and a["loss"] == b["loss"]
+    for r in (a, b):
+        assert r["steps"] == 6 and len(r["loss"]) == 2  # 3 steps before the crash, 3 after
+        assert r["trainable_rel"] < TOL and r["frozen_identical"]
+        assert r["loss"] == pytest.approx(r["one_loss"], rel=TOL)
 
 
 def test_a_cluster_without_the_engine_is_refused(workers):
