@@ -308,6 +308,7 @@ class MirroredTrainer(Trainer):
         self.flag = tf.constant(FLAG_OK, tf.int32)
         self.nonfinite = None
         self.compilations = 0
+        self._unwritten = False  # steps ran since the model's variables were last written
 
     def reset(self, seed: int) -> None:
         seed_rngs(self.rng_vars, seed)
@@ -322,7 +323,10 @@ class MirroredTrainer(Trainer):
         shard) is first averaged over the replicas, on every replica. Once per epoch rather than
         after every step: the moving averages are linear in the batch statistics, so the mean of the
         replicas' is the one per-step averaging would give (up to rounding), without a collective
-        per step."""
+        per step. Nothing to do when no step ran since the last call."""
+        if not self._unwritten:
+            return
+        self._unwritten = False
         floats = self._float_synced()
         if floats:
             means = self._collective("mean", _mean, [[states[i] for i in floats] for states in self.states])
@@ -400,10 +404,9 @@ class MirroredTrainer(Trainer):
             kept[i] = tf.bitwise.bitwise_xor(new_states[i], salts[i])
             states[i] = tf.bitwise.bitwise_xor(states[i], salts[i])
         new = (new_weights, kept, new_slots, iteration + 1)
-        if flag is not None:  # refused: every value as it was
-            ok = tf.equal(flag, FLAG_OK)
-            new = tf.nest.map_structure(lambda n, o: tf.where(ok, n, o), new, (list(weights), states, list(slots),
-                                                                                  iteration))
+        if flag is not None:  # refused: every value as it was (a cond forwards one side's tensors, no copies)
+            old = (list(weights), states, list(slots), iteration)
+            new = tf.cond(tf.equal(flag, FLAG_OK), lambda: new, lambda: old)
         return (out, *new, group, tf.constant(FLAG_OK, tf.int32) if flag is None else flag)
 
     def _function(self, x: Any, y: np.ndarray, weighted: bool, args: tuple):
@@ -447,7 +450,7 @@ class MirroredTrainer(Trainer):
             flat = [t for t in tf.nest.flatten(args) if t is not None]
             out, weights, states, slots, iteration, group, flag = call_flat(fn, flat, args)
         self.compilations += self._traces - before
-        self.weights, self.states, self.slots = weights, states, slots
+        self.weights, self.states, self.slots, self._unwritten = weights, states, slots, True
         self.iteration, self.group_lr = iteration, group
         if self.spec.guard:
             self.flag = flag

@@ -562,14 +562,21 @@ FLAG_LOSS = 0
 def guard_flag(flag, loss, grads: list | None):
     """The guard's flag after a step (see :data:`FLAG_OK`): ``flag`` when it was already set (sticky),
     else :data:`FLAG_LOSS` for a non-finite ``loss``, else ``i + 1`` for the first of ``grads`` (None:
-    not checked; a None gradient counts as finite) that is not finite, else :data:`FLAG_OK`. One
-    reduction per gradient, to a bool vector whose first False is found in the graph."""
+    not checked; a None gradient counts as finite) that is not finite, else :data:`FLAG_OK`.
+
+    One sum per gradient on every step: an infinite or NaN element makes its sum, and the sum of the
+    sums, non-finite. Only then (``tf.cond``) is every gradient tested element by element for the
+    first that is not finite (the sums may also have overflowed: then none is, and the step goes on)."""
     code = tf.constant(FLAG_OK, tf.int32)
     present = [g for g in grads or () if g is not None]
     if present:
-        finite = tf.stack([tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        code = tf.where(tf.reduce_all(finite), code,
-                        1 + tf.argmin(tf.cast(finite, tf.int32), output_type=tf.int32))
+        def first_nonfinite():
+            finite = tf.stack([tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g))
+                               for g in grads])
+            return tf.where(tf.reduce_all(finite), code, 1 + tf.argmin(tf.cast(finite, tf.int32), output_type=tf.int32))
+
+        total = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in present])
+        code = tf.cond(tf.math.is_finite(total), lambda: code, first_nonfinite)
     code = tf.where(tf.math.is_finite(loss), code, tf.constant(FLAG_LOSS, tf.int32))
     return tf.where(tf.equal(flag, FLAG_OK), code, flag)
 
@@ -967,6 +974,7 @@ class SharedStepTrainer(Trainer):
         self.flag = tf.constant(FLAG_OK, tf.int32) if self.spec.guard else None
         self.nonfinite = None
         self.compilations = 0
+        self._unwritten = False  # steps ran since the model's variables were last written
 
     def reset(self, seed: int) -> None:
         """Start from the model's current values, with zero optimizer state and reseeded random layers."""
@@ -1060,6 +1068,7 @@ class SharedStepTrainer(Trainer):
                                                      self.states, self.slots, self.iteration, self.offsets,
                                                      self.group_lr, *guard)
         self.compilations += _traces[0] - before
+        self._unwritten = True
         outs = outs.numpy()
         if guard:
             self.flag, at = guard
@@ -1094,8 +1103,10 @@ class SharedStepTrainer(Trainer):
         return outs
 
     def finish(self) -> None:
-        for var, value in zip(self._trainable + self._non_trainable, self.weights + self.states):
-            var.assign(value)
+        if self._unwritten:
+            for var, value in zip(self._trainable + self._non_trainable, self.weights + self.states):
+                var.assign(value)
+            self._unwritten = False
 
     def export_state(self) -> dict:
         done = int(self.iteration.numpy())

@@ -256,3 +256,28 @@ def test_the_guard_adds_no_compilations(cache):
     first = ft.fit(x, y, **kw).info
     assert first["cache_features"] == ("used" if cache else "off") and first["compilations"] <= 1
     assert ft.fit(x, y, **kw).info["compilations"] == 0
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_the_guard_flag_names_the_first_nonfinite_gradient_and_ignores_an_overflowing_sum(traced):
+    """guard_flag sums each gradient on every step and tests element by element only when a sum is
+    not finite: gradients whose sum overflows but whose elements are all finite pass (a negative
+    control of that shortcut), an inf or NaN anywhere names its tensor, the loss comes first, and a
+    set flag stays."""
+    from tlcore_keras.train import FLAG_LOSS, FLAG_OK, guard_flag
+
+    def flag(grads, loss=1.0, before=FLAG_OK):
+        args = (tf.constant(before, tf.int32), tf.constant(loss, tf.float32),
+                [None if g is None else tf.constant(g, tf.float32) for g in grads])
+        fn = tf.function(guard_flag, autograph=False) if traced else guard_flag
+        return int(fn(*args))
+
+    huge = np.full(4, 3e38, np.float32)  # finite, but its sum is inf
+    with np.errstate(over="ignore"):
+        assert np.isinf(huge.sum())  # (float32)
+    assert flag([huge, huge]) == FLAG_OK
+    assert flag([np.ones(3), None, np.array([1.0, np.inf])]) == 3
+    assert flag([np.array([np.nan, 1.0]), np.array([np.inf])]) == 1
+    assert flag([huge, np.array([-np.inf, np.inf])]) == 2  # (an inf and a -inf: their sum is NaN)
+    assert flag([np.array([np.inf])], loss=np.inf) == FLAG_LOSS
+    assert flag([np.array([np.inf])], before=2) == 2
