@@ -54,7 +54,7 @@ skipped and the scale halved). An operation with no 16-bit version raises
 :class:`PrecisionNotSupportedError` before anything is trained.
 
 The non-finite guard (``TrainSpec.guard``; without it, the step is traced without the check) is
-part of the compiled steps: one finiteness reduction per gradient and the loss give an int32 flag
+part of the compiled steps: one sum per gradient and the loss give an int32 flag
 (:func:`guard_flag`), kept in a variable by :class:`KerasTrainer` (the update runs under ``tf.cond``;
 a refused step assigns back what its forward pass wrote) and carried through the graph loop by
 :class:`SharedStepTrainer` (``tf.where`` keeps every value).
