@@ -3,7 +3,8 @@
 Each backend runs its framework's data parallelism: PyTorch's ``DistributedDataParallel`` in the
 processes ``torchrun`` starts (each process reads its shard of every global batch), a sharded ``jit``
 over JAX's devices (a 1-D mesh, the batch split, parameters and optimizer state replicated), and
-TensorFlow's ``MirroredStrategy`` over the visible devices on Keras. ``batch_size`` is the global
+TensorFlow's ``MirroredStrategy`` over the visible devices on Keras (or the strategy passed as
+``engine``: a ``MultiWorkerMirroredStrategy`` for several hosts). ``batch_size`` is the global
 batch; the loss is the global batch's (weighted) mean, so training equals the single-device run up to
 the order of floating-point sums. Frozen tensors are never synchronised nor updated. With one device
 (or one process) the fit is exactly the single-device one.
