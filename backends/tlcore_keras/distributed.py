@@ -232,6 +232,13 @@ def _mean(ctx, values: list) -> list:
     return [t / ctx.num_replicas_in_sync for t in ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)]
 
 
+def _fingerprints(ctx, values: list) -> Any:
+    """Every replica's (sum, sum of squares) of each of ``values`` (float64), gathered: ``(k, n, 2)``."""
+    mine = tf.stack([tf.stack([tf.reduce_sum(v), tf.reduce_sum(tf.square(v))])
+                     for v in (tf.cast(t, tf.float64) for t in values)])
+    return ctx.all_gather(mine[None], 0)
+
+
 def _from_first(ctx, values: Any) -> Any:
     """Replica 0's ``values`` on every replica (an all-reduce in which the others add zeros: exact)."""
     first = tf.equal(ctx.replica_id_in_sync_group, 0)
@@ -291,6 +298,7 @@ class MirroredTrainer(Trainer):
         #: and the optimizer slots
         self.weights, self.states = map(list, zip(*broadcast(self.strategy, (weights, states))))
         if self.spread:  # every host's replicas start from replica 0's trainable values (as DDP's broadcast)
+            self._check_same_frozen()
             floats = self._float_synced()
             firsts = self._collective("first", _from_first, [(w, [st[i] for i in floats])
                                                              for w, st in zip(self.weights, self.states)])
@@ -338,6 +346,25 @@ class MirroredTrainer(Trainer):
             var.assign(value)
         for i in self.synced + self.seeded:
             self._non_trainable[i].assign(states[i])
+
+    def _check_same_frozen(self) -> None:
+        """Raise :class:`DistributedError`, on every host alike, when a floating-point value that does
+        not train (a frozen weight, a frozen BatchNorm's statistics) differs between the hosts: only
+        what trains starts from replica 0's, so every process must build the same model. Compares
+        each value's sum and sum of squares (float64), gathered in one collective."""
+        fixed = set(self.synced) | set(self.seeded)
+        frozen = [i for i, v in enumerate(self.states[0]) if i not in fixed and v.dtype.is_floating]
+        if not frozen:
+            return
+        every = self._collective("frozen", _fingerprints, [[st[i] for i in frozen] for st in self.states])[0].numpy()
+        same = (every == every[0]) | (np.isnan(every) & np.isnan(every[0]))
+        differ = np.flatnonzero(~same.all(axis=(0, 2)))
+        if len(differ):
+            names = [self._non_trainable[frozen[i]].path for i in differ]
+            raise DistributedError(f"{len(names)} value(s) that do not train differ between the hosts (first: "
+                                   f"{names[0]!r}); only what trains starts from replica 0's, so every process must "
+                                   "build the same model: load the same weights, or seed the initialisation alike "
+                                   "(keras.utils.set_random_seed)")
 
     def _float_synced(self) -> list[int]:
         return [i for i in self.synced if self.states[0][i].dtype.is_floating] if self.count > 1 else []

@@ -239,6 +239,28 @@ def check_same_trainables(named: dict[str, nn.Parameter], world: int) -> None:
                                f"{theirs.tolist()}); every process must build the same model and freeze policy")
 
 
+def check_same_frozen(module: nn.Module, trained: list[torch.Tensor], world: int) -> None:
+    """Raise :class:`DistributedError`, on every rank alike, when a floating-point tensor that does not
+    train (a frozen weight, a frozen BatchNorm's statistics) differs between the ranks: only what
+    trains is broadcast from rank 0, so every process must build the same model. Compares each
+    tensor's sum and sum of squares (float64), gathered in one collective."""
+    skip = {id(t) for t in trained}
+    named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers())
+             if id(t) not in skip and t.is_floating_point()]
+    if not named:
+        return
+    with torch.no_grad():
+        mine = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for _, t in named])
+    every = gather_rows(mine.reshape(1, -1), world).cpu()
+    same = (every == every[0]) | (every.isnan() & every[0].isnan())
+    differ = (~same).any(0).reshape(-1, 2).any(1)
+    if bool(differ.any()):
+        names = [named[i][0] for i in differ.nonzero().flatten().tolist()]
+        raise DistributedError(f"{len(names)} tensor(s) that do not train differ between the ranks (first: "
+                               f"{names[0]!r}); only what trains is broadcast from rank 0, so every process must "
+                               "build the same model: load the same weights, or seed the initialisation alike")
+
+
 class DataParallelTrainer(TorchTrainer):
     """:class:`TorchTrainer` on this process's shard of every global batch, its module wrapped in
     ``DistributedDataParallel`` over the default process group (see the module docstring).
@@ -275,6 +297,7 @@ class DataParallelTrainer(TorchTrainer):
                 # module's are strings)
                 self.ddp.register_comm_hook(None, lambda state, bucket: self._reduce_hook(bucket))
             self._group = group
+        check_same_frozen(self.module, self.params + self.written, self.world)
         broadcast_from_rank0(self.params + self.written)
 
     def reset(self, seed: int) -> None:

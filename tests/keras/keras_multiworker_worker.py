@@ -120,6 +120,17 @@ def main() -> dict:
     out["bn_train"] = compare(tl.FreezePolicy.up_to("conv1", bn="train"), sgd)
     out["cached"] = compare(tl.FreezePolicy.all(), sgd, cache_features=True)
     out["resumed"] = resumed(FOLDER.parent / "shared")
+    # worker 1 builds the network from another seed: its frozen BatchNorm agrees (ones and zeros), its
+    # frozen conv1 does not; refused on both workers alike, before training
+    odd = tl.finetune(BACKEND.reference_model(seed=INDEX), cut=tl.LayerCut(at="pool"), head=tl.Head.linear(3),
+                      freeze=tl.FreezePolicy.up_to("bn1"), seed=0)
+    start = odd.state()
+    try:
+        odd.fit(X, Y, optimizer=sgd, strategy=DP, **FIT)
+        out["frozen_differ"] = "no error"
+    except tl.TlcoreError as e:
+        out["frozen_differ"] = [type(e).__name__, str(e),
+                                all(np.array_equal(v, start[n]) for n, v in odd.state().items())]
     try:  # a cluster without the engine: refused, before training
         model(FROZEN_BN).fit(X, Y, optimizer=sgd, strategy=tl.distribute.DataParallel(), **FIT)
         out["no_engine"] = "no error"

@@ -111,6 +111,13 @@ def test_resume_on_every_worker_continues_the_run(workers):
         assert r["loss"] == pytest.approx(r["one_loss"], rel=TOL)
 
 
+def test_frozen_weights_that_differ_between_hosts_are_refused_on_both(workers):
+    for w in workers:
+        kind, message, unchanged = w["frozen_differ"]
+        assert kind == "DistributedError" and unchanged
+        assert "2 value(s) that do not train differ between the hosts (first: 'reference/conv1/kernel')" in message
+
+
 def test_a_cluster_without_the_engine_is_refused(workers):
     for w in workers:
         kind, message = w["no_engine"]

@@ -208,6 +208,10 @@ def test_bad_inputs_raise_named_errors_before_training(replicas):
         assert errors["odd_batch"][0] == "DataError" and "multiple of 2" in errors["odd_batch"][1]
         assert errors["devices_3"][0] == "DistributedError" and "2 process(es)" in errors["devices_3"][1]
         assert errors["unchanged"]
+        # frozen weights that differ between the ranks: refused on both alike, nothing trained
+        kind, message = errors["frozen_differ"]
+        assert kind == "DistributedError" and "2 tensor(s) that do not train differ between the ranks (first: 'conv1.weight')" in message
+        assert "seed the initialisation alike" in message and errors["frozen_differ_unchanged"]
 
 
 def test_without_a_process_group(monkeypatch):

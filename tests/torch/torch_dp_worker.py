@@ -135,6 +135,18 @@ def errors(strategy_type) -> dict:
         except Exception as e:  # noqa: BLE001 - recorded for the test to check
             found[name] = [type(e).__name__, str(e)]
     found["unchanged"] = all(np.array_equal(before[k], v) for k, v in ft.state().items())
+    # rank 1 builds the network from another seed: its frozen conv1 differs from rank 0's
+    import torch.distributed as dist
+
+    base = tl.get_backend("torch").reference_model(seed=dist.get_rank())
+    odd = tl.finetune(base, cut=tl.LayerCut(at="pool"), head=tl.Head.linear(3), freeze=FROZEN)
+    before = odd.state()
+    try:
+        odd.fit(x, y, batch_size=BATCH, strategy=strategy_type())
+        found["frozen_differ"] = None
+    except Exception as e:  # noqa: BLE001 - recorded for the test to check
+        found["frozen_differ"] = [type(e).__name__, str(e)]
+    found["frozen_differ_unchanged"] = all(np.array_equal(before[k], v) for k, v in odd.state().items())
     return found
 
 
