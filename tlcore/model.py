@@ -833,8 +833,11 @@ class Model(ModelPrimitives):
         interrupt = training.DeferredInterrupt()
 
         def save(epoch: int, batch: int, rng: dict, acc: Accumulator | None, applied: list[float]) -> None:
-            if run.spec.strategy is not None and self._rank != 0:
-                return  # under torchrun, rank 0 writes the run's state
+            if run.spec.strategy is not None:
+                if state.live is not None:  # its write-back may be a collective: every process, together
+                    state.live[0].finish()
+                if self._rank != 0:
+                    return  # rank 0 (the chief) writes the run's state
             saver.save(self, state.optimizer_state(self._head), epoch=epoch, batch=batch,
                        step=state.step + len(applied), seed=state.seed, rng=rng, history=_rows(hist),
                        info={"lr_steps": lr_steps + applied, "steps": steps + len(applied), **(

@@ -84,8 +84,10 @@ class Progress:
 
 def checked_batches(source: Source, rng: np.random.Generator, check) -> Iterator[Batch]:
     """The source's batches for one epoch, each checked by ``check(batch, index)`` (targets converted),
-    read and checked ahead in a background thread (an error reaches the consumer at its batch)."""
-    return prefetch(check(batch, i) for i, batch in enumerate(source.batches(rng)))
+    read ahead in a background thread. The check runs here, in the caller's thread: it may run the
+    model (a dry run for the output width), which must not overlap the training step."""
+    for i, batch in enumerate(prefetch(source.batches(rng))):
+        yield check(batch, i)
 
 
 class LearningRates:
