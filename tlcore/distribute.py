@@ -25,9 +25,11 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .errors import DataError, DistributedError, short_repr
 
-__all__ = ["DataParallel", "DistributedError", "Replicas", "check_batches", "check_split"]
+__all__ = ["DataParallel", "DistributedError", "Replicas", "check_batches", "check_same_frozen", "check_split"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +115,26 @@ def check_split(n: int, count: int, what: str = "a batch") -> None:
     if n % count:
         raise DataError(f"{what}: a batch of {n} samples does not split over {count} replicas; give batches of a "
                         f"multiple of {count} samples")
+
+
+def check_same_frozen(fingerprints: np.ndarray, names: list[str], between: str, hint: str = "") -> None:
+    """Refuse frozen tensors that differ between the processes of a data-parallel fit: only what
+    trains is broadcast from the first replica. ``fingerprints``: one row per process (every process
+    holds them all, so each raises alike), one integer checksum of each tensor of ``names`` per column.
+
+    Raises:
+        DistributedError: naming how many differ and the first.
+
+    Example:
+        >>> check_same_frozen(np.array([[1, 2], [1, 2]]), ["a", "b"], "ranks")
+        >>> check_same_frozen(np.array([[1, 2], [1, 3]]), ["a", "b"], "ranks")
+        Traceback (most recent call last):
+        ...
+        tlcore.errors.DistributedError: 1 tensor(s) that do not train differ between the ranks (first: 'b'); ...
+    """
+    differ = np.flatnonzero((fingerprints != fingerprints[:1]).any(axis=0))
+    if len(differ):
+        raise DistributedError(f"{len(differ)} tensor(s) that do not train differ between the {between} (first: "
+                               f"{names[differ[0]]!r}); only what trains is broadcast from the first replica, so every "
+                               f"process must build the same model: load the same weights, or seed the "
+                               f"initialisation alike{hint}")

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from tlcore.backend import Trainer
-from tlcore.distribute import DataParallel, Replicas
+from tlcore.distribute import DataParallel, Replicas, check_same_frozen
 from tlcore.errors import DistributedError
 from tlcore.optim import TrainSpec
 
@@ -88,11 +88,16 @@ def replicas(strategy: DataParallel) -> Replicas:
         DistributedError: more devices asked for than TensorFlow sees; an engine that is not a
             mirrored strategy; a ``TF_CONFIG`` cluster of several tasks without an engine.
     """
+    tasks = cluster_tasks()
     if strategy.engine is not None:
         engine = check_engine(strategy.engine)
+        if tasks > 1 and not isinstance(engine, tf.distribute.MultiWorkerMirroredStrategy):
+            raise DistributedError(
+                f"TF_CONFIG names a cluster of {tasks} tasks, but DataParallel(engine={type(engine).__name__}) runs "
+                "on this process's devices only (each process would train alone): pass a "
+                "tf.distribute.MultiWorkerMirroredStrategy() made at the start of every process")
         ids = replica_ids(engine)
         return Replicas(engine.num_replicas_in_sync, 0 if engine.extended.should_checkpoint else max(ids[0], 1))
-    tasks = cluster_tasks()
     if tasks > 1:
         raise DistributedError(
             f"TF_CONFIG names a cluster of {tasks} tasks, but DataParallel() runs on this process's devices only "
@@ -232,10 +237,14 @@ def _mean(ctx, values: list) -> list:
     return [t / ctx.num_replicas_in_sync for t in ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)]
 
 
+#: the integer type of each float width, whose bits :func:`_fingerprints` sums
+_BITS = {8: tf.int64, 4: tf.int32, 2: tf.int16}
+
+
 def _fingerprints(ctx, values: list) -> Any:
-    """Every replica's (sum, sum of squares) of each of ``values`` (float64), gathered: ``(k, n, 2)``."""
-    mine = tf.stack([tf.stack([tf.reduce_sum(v), tf.reduce_sum(tf.square(v))])
-                     for v in (tf.cast(t, tf.float64) for t in values)])
+    """Every replica's checksum of each of ``values``, gathered (``(k, n)`` int64): its bit patterns
+    summed as integers (exact in any order, on any hardware; a bitcast copies nothing)."""
+    mine = tf.stack([tf.cast(tf.reduce_sum(tf.bitcast(v, _BITS[v.dtype.size])), tf.int64) for v in values])
     return ctx.all_gather(mine[None], 0)
 
 
@@ -316,7 +325,9 @@ class MirroredTrainer(Trainer):
         self.flag = tf.constant(FLAG_OK, tf.int32)
         self.nonfinite = None
         self.compilations = 0
-        self._unwritten = False  # steps ran since the model's variables were last written
+        #: the copies differ from the model's variables (steps ran since finish wrote them; across hosts
+        #: from the start: replica 0's values, which this host's model may not hold)
+        self._unwritten = self.spread
 
     def reset(self, seed: int) -> None:
         seed_rngs(self.rng_vars, seed)
@@ -350,21 +361,15 @@ class MirroredTrainer(Trainer):
     def _check_same_frozen(self) -> None:
         """Raise :class:`DistributedError`, on every host alike, when a floating-point value that does
         not train (a frozen weight, a frozen BatchNorm's statistics) differs between the hosts: only
-        what trains starts from replica 0's, so every process must build the same model. Compares
-        each value's sum and sum of squares (float64), gathered in one collective."""
+        what trains starts from replica 0's, so every process must build the same model (checksums
+        of :func:`_fingerprints`, gathered in one collective)."""
         fixed = set(self.synced) | set(self.seeded)
-        frozen = [i for i, v in enumerate(self.states[0]) if i not in fixed and v.dtype.is_floating]
-        if not frozen:
-            return
-        every = self._collective("frozen", _fingerprints, [[st[i] for i in frozen] for st in self.states])[0].numpy()
-        same = (every == every[0]) | (np.isnan(every) & np.isnan(every[0]))
-        differ = np.flatnonzero(~same.all(axis=(0, 2)))
-        if len(differ):
-            names = [self._non_trainable[frozen[i]].path for i in differ]
-            raise DistributedError(f"{len(names)} value(s) that do not train differ between the hosts (first: "
-                                   f"{names[0]!r}); only what trains starts from replica 0's, so every process must "
-                                   "build the same model: load the same weights, or seed the initialisation alike "
-                                   "(keras.utils.set_random_seed)")
+        frozen = [i for i, v in enumerate(self.states[0])
+                  if i not in fixed and v.dtype.is_floating and v.dtype.size in _BITS]
+        if frozen:
+            every = self._collective("frozen", _fingerprints, [[st[i] for i in frozen] for st in self.states])[0]
+            check_same_frozen(every.numpy(), [self._non_trainable[i].path for i in frozen], "hosts",
+                              " (keras.utils.set_random_seed)")
 
     def _float_synced(self) -> list[int]:
         return [i for i in self.synced if self.states[0][i].dtype.is_floating] if self.count > 1 else []

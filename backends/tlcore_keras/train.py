@@ -575,7 +575,9 @@ def guard_flag(flag, loss, grads: list | None):
                                for g in grads])
             return tf.where(tf.reduce_all(finite), code, 1 + tf.argmin(tf.cast(finite, tf.int32), output_type=tf.int32))
 
-        total = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in present])
+        # (float16 summed in float32: its range is too small; bfloat16 has float32's)
+        total = tf.add_n([tf.cast(tf.reduce_sum(tf.cast(g, tf.float32) if g.dtype == tf.float16 else g), tf.float32)
+                          for g in present])
         code = tf.cond(tf.math.is_finite(total), lambda: code, first_nonfinite)
     code = tf.where(tf.math.is_finite(loss), code, tf.constant(FLAG_LOSS, tf.int32))
     return tf.where(tf.equal(flag, FLAG_OK), code, flag)

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from tlcore import data
+from tlcore import data, distribute
 from tlcore.distribute import DataParallel, Replicas
 from tlcore.errors import DistributedError
 from tlcore.optim import TrainSpec
@@ -239,26 +239,26 @@ def check_same_trainables(named: dict[str, nn.Parameter], world: int) -> None:
                                f"{theirs.tolist()}); every process must build the same model and freeze policy")
 
 
+#: the integer type of each float width, whose bits :func:`check_same_frozen` sums
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
 def check_same_frozen(module: nn.Module, trained: list[torch.Tensor], world: int) -> None:
     """Raise :class:`DistributedError`, on every rank alike, when a floating-point tensor that does not
     train (a frozen weight, a frozen BatchNorm's statistics) differs between the ranks: only what
-    trains is broadcast from rank 0, so every process must build the same model. Compares each
-    tensor's sum and sum of squares (float64), gathered in one collective."""
+    trains is broadcast from rank 0, so every process must build the same model. Each tensor's bit
+    patterns are summed as integers (exact in any order, on any hardware; no copy of the tensor), and
+    the sums gathered in one collective."""
     skip = {id(t) for t in trained}
     named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers())
-             if id(t) not in skip and t.is_floating_point()]
+             if id(t) not in skip and t.is_floating_point() and t.element_size() in _BITS]
     if not named:
         return
     with torch.no_grad():
-        mine = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for _, t in named])
-    every = gather_rows(mine.reshape(1, -1), world).cpu()
-    same = (every == every[0]) | (every.isnan() & every[0].isnan())
-    differ = (~same).any(0).reshape(-1, 2).any(1)
-    if bool(differ.any()):
-        names = [named[i][0] for i in differ.nonzero().flatten().tolist()]
-        raise DistributedError(f"{len(names)} tensor(s) that do not train differ between the ranks (first: "
-                               f"{names[0]!r}); only what trains is broadcast from rank 0, so every process must "
-                               "build the same model: load the same weights, or seed the initialisation alike")
+        mine = torch.stack([t.detach().contiguous().view(_BITS[t.element_size()]).sum(dtype=torch.int64)
+                            for _, t in named])
+    every = gather_rows(mine.reshape(1, -1), world).cpu().numpy()
+    distribute.check_same_frozen(every, [n for n, _ in named], "ranks")
 
 
 class DataParallelTrainer(TorchTrainer):

@@ -117,7 +117,10 @@ def main() -> dict:
     out["sgd"] = compare(FROZEN_BN, sgd, checkpoint=dict(checkpoint_dir=FOLDER / "ckpt", checkpoint_every=1))
     out["files"] = sorted(p.name for p in (FOLDER / "ckpt").glob("*")) if (FOLDER / "ckpt").exists() else []
     out["adamw_clip"] = compare(FROZEN_BN, adamw, clip=0.05)
-    out["bn_train"] = compare(tl.FreezePolicy.up_to("conv1", bn="train"), sgd)
+    # (checkpointed after every step: the moving statistics' averaging, a collective, runs on every
+    # host at each checkpoint, not on the chief alone)
+    out["bn_train"] = compare(tl.FreezePolicy.up_to("conv1", bn="train"), sgd,
+                              checkpoint=dict(checkpoint_dir=FOLDER / "ckpt_bn", checkpoint_every=1))
     out["cached"] = compare(tl.FreezePolicy.all(), sgd, cache_features=True)
     out["resumed"] = resumed(FOLDER.parent / "shared")
     # worker 1 builds the network from another seed: its frozen BatchNorm agrees (ones and zeros), its

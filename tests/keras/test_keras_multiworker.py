@@ -89,6 +89,8 @@ def test_cached_features_are_gathered_from_both_workers(workers):
 
 
 def test_a_training_batchnorm_is_averaged_over_the_hosts(workers):
+    """(Checkpointed after every step: the averaging runs on every host at each checkpoint; were it
+    run by the chief alone, the workers would wait on each other and the fixture time out.)"""
     a, b = (w["bn_train"] for w in workers)
     assert a["moving_mean_moved"] and a["state"] == b["state"]
     # each worker's shard gives another mean: only the average over both hosts is the 1-device one
@@ -115,7 +117,7 @@ def test_frozen_weights_that_differ_between_hosts_are_refused_on_both(workers):
     for w in workers:
         kind, message, unchanged = w["frozen_differ"]
         assert kind == "DistributedError" and unchanged
-        assert "2 value(s) that do not train differ between the hosts (first: 'reference/conv1/kernel')" in message
+        assert "2 tensor(s) that do not train differ between the hosts (first: 'reference/conv1/kernel')" in message
 
 
 def test_a_cluster_without_the_engine_is_refused(workers):
@@ -125,7 +127,7 @@ def test_a_cluster_without_the_engine_is_refused(workers):
         assert "TF_CONFIG names a cluster of 2 tasks" in message and "DataParallel(engine=strategy)" in message
 
 
-def test_engine_errors_before_training():
+def test_engine_errors_before_training(monkeypatch):
     with pytest.raises(tl.DistributedError, match="devices=... or engine=..., not both"):
         tl.distribute.DataParallel(devices=2, engine=object())
     m = tl.finetune(tl.get_backend("keras").reference_model(seed=0), cut=tl.LayerCut(at="pool"),
@@ -135,4 +137,13 @@ def test_engine_errors_before_training():
     with pytest.raises(tl.DistributedError, match="takes a tf.distribute.MirroredStrategy or "
                                                   "MultiWorkerMirroredStrategy, got object"):
         m.fit(x, y, progress=False, strategy=tl.distribute.DataParallel(engine=object()))
+    # a one-host engine where TF_CONFIG names a cluster: each process would train alone
+    import tensorflow as tf
+
+    one_host = tf.distribute.MirroredStrategy(["/cpu:0"])
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(tl.DistributedError, match=r"cluster of 2 tasks, but DataParallel\(engine=MirroredStrategy\) "
+                                                  "runs on this process's devices only"):
+        m.fit(x, y, progress=False, strategy=tl.distribute.DataParallel(engine=one_host))
     assert all(np.array_equal(v, start[n]) for n, v in m.state().items())

@@ -259,22 +259,24 @@ def test_the_guard_adds_no_compilations(cache):
 
 
 @pytest.mark.parametrize("traced", [False, True])
-def test_the_guard_flag_names_the_first_nonfinite_gradient_and_ignores_an_overflowing_sum(traced):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_guard_flag_names_the_first_nonfinite_gradient_and_ignores_an_overflowing_sum(traced, dtype):
     """guard_flag sums each gradient on every step and tests element by element only when a sum is
     not finite: gradients whose sum overflows but whose elements are all finite pass (a negative
-    control of that shortcut), an inf or NaN anywhere names its tensor, the loss comes first, and a
-    set flag stays."""
+    control of that shortcut; float16 is summed in float32), an inf or NaN anywhere names its tensor,
+    the loss comes first, and a set flag stays; in float32, bfloat16 and float16."""
     from tlcore_keras.train import FLAG_LOSS, FLAG_OK, guard_flag
 
     def flag(grads, loss=1.0, before=FLAG_OK):
         args = (tf.constant(before, tf.int32), tf.constant(loss, tf.float32),
-                [None if g is None else tf.constant(g, tf.float32) for g in grads])
+                [None if g is None else tf.cast(tf.constant(g, tf.float32), dtype) for g in grads])
         fn = tf.function(guard_flag, autograph=False) if traced else guard_flag
         return int(fn(*args))
 
-    huge = np.full(4, 3e38, np.float32)  # finite, but its sum is inf
+    # finite elements whose sum in the gradient's dtype is inf (float16: 6e4 each, summed in float32)
+    huge = np.full(4, 6e4 if dtype == "float16" else 3e38, np.float32)
     with np.errstate(over="ignore"):
-        assert np.isinf(huge.sum())  # (float32)
+        assert np.isinf(huge.astype(dtype if dtype == "float16" else np.float32).sum())
     assert flag([huge, huge]) == FLAG_OK
     assert flag([np.ones(3), None, np.array([1.0, np.inf])]) == 3
     assert flag([np.array([np.nan, 1.0]), np.array([np.inf])]) == 1
